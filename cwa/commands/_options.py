@@ -1,0 +1,54 @@
+"""Shared option definitions: every command's `--seed` means and says the same.
+
+Only this package and `cwa.cli` import typer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Hub id, local HF directory or .gguf file. Default: the embedded model."),
+]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DeviceMapOpt = Annotated[
+    str | None, typer.Option("--device-map", help="'auto' spreads a large model over devices (accelerate).")
+]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub (off by default).")
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option("--data", help="Calibration data: .txt, dir of .txt, .jsonl (text), hf:NAME[:CONFIG[:SPLIT]], .npy windows."),
+]
+EvalDataOpt = Annotated[str | None, typer.Option("--eval-data", help="Evaluation data (same forms as --data).")]
+DataSeedOpt = Annotated[int | None, typer.Option("--data-seed", help="Seed for drawing calibration windows (default: --seed).")]
+CalibOpt = Annotated[int, typer.Option("--calib-samples", help="Number of calibration windows.")]
+EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Number of evaluation windows.")]
+SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 256, or the model's context if smaller).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass (does not change results).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random draw of this stage.")]
+MetricOpt = Annotated[str, typer.Option("--metric", help="magnitude, grad_x_weight, grad_squared, hessian_diag, hutchinson_diag, act_mag.")]
+TopkOpt = Annotated[int, typer.Option("--topk", "-k", help="K: number of weights (per tensor in per_layer mode).")]
+ModeOpt = Annotated[str, typer.Option("--mode", help="global or per_layer.")]
+RankByOpt = Annotated[str | None, typer.Option("--rank-by", help="abs (default) or value.")]
+PerturbOpt = Annotated[str, typer.Option("--perturb", help="zero, sign_flip, gauss_noise, bit_flip (none in `cwa run` skips).")]
+ScaleOpt = Annotated[float | None, typer.Option("--perturb-scale", help="s: sign_flip w->-s*w (default 1); gauss_noise w+s*|w|*eps (default 0.1).")]
+ProbOpt = Annotated[float, typer.Option("--perturb-prob", help="bit_flip: probability each selected weight is flipped.")]
+BitOpt = Annotated[str, typer.Option("--bit", help="bit_flip: sign, exponent_msb, mantissa_msb, random, or an index (0 = LSB).")]
+DrawsOpt = Annotated[int, typer.Option("--control-draws", help="Independent draws of each random control.")]
+HutchOpt = Annotated[int, typer.Option("--hutchinson-samples", help="Rademacher probes P for hutchinson_diag.")]
+McOpt = Annotated[int, typer.Option("--mc-samples", help="Sampled-label draws S for hessian_diag.")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Artifact path (default: ./cwa-out/ by fingerprint).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when a cached artifact matches.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More log lines on stderr.")]
+IncludeOpt = Annotated[list[str] | None, typer.Option("--include", help="Glob on parameter names to score (repeatable).")]
+ExcludeOpt = Annotated[list[str] | None, typer.Option("--exclude", help="Glob on parameter names not to score (repeatable).")]

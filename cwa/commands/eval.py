@@ -1,0 +1,38 @@
+"""`cwa eval`: baseline metrics of a model on evaluation windows."""
+
+from __future__ import annotations
+
+from cwa.commands import _options as O
+from cwa.commands.common import data_options, model_options, report
+
+
+def eval_cmd(
+    model: O.ModelOpt = None,
+    revision: O.RevisionOpt = None,
+    dtype: O.DtypeOpt = "auto",
+    device: O.DeviceOpt = "auto",
+    trust_remote_code: O.TrustOpt = False,
+    data: O.DataOpt = None,
+    eval_data: O.EvalDataOpt = None,
+    eval_samples: O.EvalSamplesOpt = 32,
+    seq_len: O.SeqLenOpt = None,
+    batch_size: O.BatchOpt = 8,
+    output: O.OutputOpt = None,
+    force: O.ForceOpt = False,
+    verbose: O.VerboseOpt = False,
+) -> None:
+    """Evaluate a model: NLL, perplexity, token accuracy and bits per byte on held-out windows.
+
+    Writes a JSON report and prints its path.
+
+    Examples:
+
+      cwa eval                                   # the embedded model on the embedded corpus
+
+      cwa eval --model gpt2 --eval-data notes.txt --seq-len 512 -o gpt2_eval.json
+    """
+    from cwa.stages import eval_stage
+
+    lm = model_options(model, revision, dtype, device, None, trust_remote_code).load()
+    d = data_options(data, eval_data, None, 32, eval_samples, seq_len, batch_size)
+    report(eval_stage(lm, d, output=output, force=force), verbose)

@@ -1,0 +1,153 @@
+"""Evaluation on held-out windows: NLL, perplexity, token accuracy, bits per byte, and,
+against a kept baseline pass, the exact KL divergence and top-1 agreement.
+
+- `nll`: mean token NLL (nats) over all targets of all windows (float32 log-softmax,
+  accumulated in float64);
+- `perplexity` = exp(nll); `token_accuracy`: fraction of targets where argmax = target;
+- `bits_per_byte`: summed NLL in bits over the UTF-8 bytes of the target tokens' text
+  (null for `.npy` token windows, whose text is unknown);
+- `kl_from_baseline` = mean over targets of KL(p_baseline || p_perturbed), exact: the
+  baseline's log-probabilities are kept (in memory up to `budget_bytes`, in a
+  memory-mapped temporary file beyond it) so a baseline pass is computed once and reused
+  by every perturbation condition; `top1_agreement`: fraction of targets where the two
+  argmaxes agree.
+
+Non-finite logits give `inf`/`nan` metrics, never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_BUDGET = 1 << 30  # bytes of baseline log-probabilities kept in RAM
+
+
+@dataclass
+class BaselineCache:
+    """Log-probabilities `[N, T-1, V]` and argmax `[N, T-1]` of the unperturbed model."""
+
+    logp: Any  # np.ndarray or np.memmap, float32
+    argmax: Any  # np.ndarray int64
+    _tmpfile: str | None = None
+
+    def close(self) -> None:
+        self.logp = None
+        if self._tmpfile:
+            try:
+                os.unlink(self._tmpfile)
+            except FileNotFoundError:
+                pass
+            self._tmpfile = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        self.close()
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    per_window_nll: Any  # np.ndarray [N] float64, mean NLL of each window
+    baseline: BaselineCache | None = field(default=None, repr=False)
+
+
+def evaluate(
+    model,
+    windows,
+    *,
+    batch_size: int = 8,
+    baseline: BaselineCache | None = None,
+    keep_baseline: bool = False,
+    budget_bytes: int = DEFAULT_BUDGET,
+    progress=None,
+) -> EvalResult:
+    """Evaluate `model` on `windows` (a `cwa.data.Windows`)."""
+    import numpy as np
+    import torch
+
+    from cwa.losses import logits_of
+
+    ids_all = windows.ids
+    n, t = ids_all.shape
+    device = next(model.parameters()).device
+    bl = None if windows.byte_lengths is None else torch.as_tensor(windows.byte_lengths)
+    per_window = np.zeros(n, dtype=np.float64)
+    total_nll = 0.0
+    correct = 0
+    total_bytes = 0
+    kl_sum = 0.0
+    agree = 0
+    cache = None
+    if keep_baseline:
+        cache = _new_cache(n, t - 1, None, budget_bytes)
+
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            ids = ids_all[s : s + batch_size].to(device)
+            logits = logits_of(model, ids)[:, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            tgt = ids[:, 1:]
+            nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()
+            per_window[s : s + ids.shape[0]] = nll.mean(dim=1).cpu().numpy()
+            total_nll += float(nll.sum())
+            pred = logits.argmax(dim=-1)
+            correct += int((pred == tgt).sum())
+            if bl is not None:
+                total_bytes += int(bl[tgt.cpu().clamp(max=len(bl) - 1)].sum())
+            if keep_baseline:
+                if cache.logp is None:
+                    cache = _new_cache(n, t - 1, logp.shape[-1], budget_bytes)
+                cache.logp[s : s + ids.shape[0]] = logp.cpu().numpy()
+                cache.argmax[s : s + ids.shape[0]] = pred.cpu().numpy()
+            if baseline is not None:
+                lb = torch.from_numpy(np.asarray(baseline.logp[s : s + ids.shape[0]])).to(device)
+                kl = (lb.exp() * (lb - logp)).sum(-1)
+                kl_sum += float(kl.double().sum())
+                ab = torch.from_numpy(baseline.argmax[s : s + ids.shape[0]]).to(device)
+                agree += int((ab == pred).sum())
+            if progress is not None:
+                progress(ids.shape[0])
+    if was_training:
+        model.train()
+
+    n_tok = n * (t - 1)
+    nll_mean = total_nll / n_tok
+    metrics: dict[str, Any] = {
+        "nll": nll_mean,
+        "perplexity": _exp(nll_mean),
+        "token_accuracy": correct / n_tok,
+        "bits_per_byte": (total_nll / math.log(2) / total_bytes) if (bl is not None and total_bytes) else None,
+        "n_tokens": n_tok,
+        "n_windows": n,
+    }
+    if baseline is not None:
+        metrics["kl_from_baseline"] = kl_sum / n_tok
+        metrics["top1_agreement"] = agree / n_tok
+    return EvalResult(metrics, per_window, cache)
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _new_cache(n: int, t: int, v: int | None, budget: int) -> BaselineCache:
+    import numpy as np
+
+    argmax = np.zeros((n, t), dtype=np.int64)
+    if v is None:
+        return BaselineCache(None, argmax)
+    size = n * t * v * 4
+    if size <= budget:
+        return BaselineCache(np.empty((n, t, v), dtype=np.float32), argmax)
+    fd, path = tempfile.mkstemp(prefix="cwa-baseline-", suffix=".f32")
+    os.close(fd)
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, t, v))
+    return BaselineCache(mm, argmax, path)

@@ -1,0 +1,369 @@
+"""`cwa run`: every stage in order, one loaded model, cache hits by fingerprint, and the
+experiment directory of the SPEC:
+
+    OUT/experiment_manifest.json  config.json  sensitivity_stats.json  top_weights.csv
+        control_baselines.json  perturbation_results.json  stability_results.json
+        artifacts/  plots/
+
+Per seed: score -> rank (each K) -> controls (each K) -> perturb (each K); then the
+stability stage over the seeds' scores, then the plots. Every stage artifact lives under
+`OUT/artifacts/` with a fixed name, so running the same command again finds each finished
+stage by its fingerprint and recomputes nothing.
+
+Several seeds: `perturbation_results.json` holds the conditions of every seed; its
+`summary` is the first seed's and `summary_by_seed` has all. A K sweep (`--topk
+50,100,200`): per-K artifacts get `_k{K}`; the top-level files describe the first K and
+`summary_by_k` has all.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cwa import __version__
+from cwa import artifacts as A
+from cwa.console import log
+from cwa.errors import UsageError
+from cwa.stages import (
+    DataOptions,
+    ModelOptions,
+    StageResult,
+    control_stage,
+    perturb_stage,
+    rank_stage,
+    score_stage,
+    write_topk_csv,
+)
+
+
+@dataclass
+class RunConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    metric: str = "grad_x_weight"
+    topk: list[int] = field(default_factory=lambda: [100])
+    mode: str = "global"
+    rank_by: str | None = None
+    perturb: str = "sign_flip"
+    perturb_scale: float | None = None
+    perturb_prob: float = 1.0
+    bit: str = "exponent_msb"
+    controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
+    control_draws: int = 20
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    stability_check: bool | None = None
+    save_plots: bool = True
+    out_dir: Path | None = None
+    hutchinson_samples: int = 8
+    mc_samples: int = 1
+    obd: bool = False
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    force: bool = False
+    verbose: bool = False
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected a comma-separated list of integers, e.g. 0,1,2") from None
+    if not vals:
+        raise UsageError(f"{flag} {text!r}: expected at least one integer")
+    if len(set(vals)) != len(vals):
+        raise UsageError(f"{flag} {text!r}: contains duplicates")
+    return vals
+
+
+def parse_controls(text: str) -> list[str]:
+    from cwa.controls import CONTROLS
+
+    if text.strip().lower() in ("none", ""):
+        return []
+    out = [CONTROLS.resolve(x) for x in text.split(",") if x.strip()]
+    if len(set(out)) != len(out):
+        raise UsageError(f"--controls {text!r}: contains duplicates")
+    return out
+
+
+def model_label(model: str | None) -> str:
+    from cwa import assets
+
+    if model is None:
+        return assets.EMBEDDED_MODEL_NAME
+    name = Path(model.rstrip("/")).name
+    return name[:-5] if name.endswith(".gguf") else name
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    k = "-".join(str(k) for k in cfg.topk)
+    return Path("outputs") / f"{model_label(cfg.model.model)}_{cfg.metric}_k{k}"
+
+
+def _ksuf(cfg: RunConfig, k: int) -> str:
+    return f"_k{k}" if len(cfg.topk) > 1 else ""
+
+
+def run(cfg: RunConfig, argv: list[str] | None = None) -> Path:
+    """Run the whole experiment; returns the output directory."""
+    from cwa.metrics import METRICS
+    from cwa.perturb import PERTURBATIONS
+
+    started = A.now_iso()
+    t_start = time.perf_counter()
+    cfg.metric = METRICS.resolve(cfg.metric)
+    if cfg.perturb != "none":
+        cfg.perturb = PERTURBATIONS.resolve(cfg.perturb)
+    for k in cfg.topk:
+        if k <= 0:
+            raise UsageError(f"--topk {k}: K must be a positive integer")
+    if cfg.mode not in ("global", "per_layer"):
+        raise UsageError(f"--mode {cfg.mode!r}: choose global or per_layer")
+    if cfg.control_draws <= 0:
+        raise UsageError(f"--control-draws {cfg.control_draws}: must be a positive integer")
+    cfg.data.validate()
+    stability = cfg.stability_check if cfg.stability_check is not None else len(cfg.seeds) > 1
+    if stability and len(cfg.seeds) < 2:
+        log("note: --stability-check needs two or more seeds; skipped with one seed")
+        stability = False
+    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
+    art = out / "artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+
+    second = bool(getattr(METRICS.get(cfg.metric), "second_order", False))
+    lm = cfg.model.load(second_order=second, lazy=True)
+    stages: list[dict[str, Any]] = []
+
+    def record(stage: str, seed: int | None, k: int | None, r: StageResult) -> StageResult:
+        stages.append(
+            {"stage": stage, "seed": seed, "k": k, "path": str(r.path.relative_to(out)),
+             "fingerprint": r.fingerprint, "cache_hit": r.cached, "seconds": round(r.seconds, 4)}
+        )
+        log(f"{stage:9s} seed={seed} k={k}: {'cache hit' if r.cached else f'{r.seconds:.1f}s'}", verbose_only=not cfg.verbose)
+        return r
+
+    scores_paths: dict[int, Path] = {}
+    topk_paths: dict[tuple[int, int], Path] = {}
+    control_paths: dict[tuple[int, int, str], Path] = {}
+    perturb_paths: dict[tuple[int, int], Path] = {}
+    for seed in cfg.seeds:
+        r = score_stage(
+            lm, cfg.data, metric=cfg.metric, seed=seed, mc_samples=cfg.mc_samples,
+            hutchinson_samples=cfg.hutchinson_samples, obd=cfg.obd, include=cfg.include,
+            exclude=cfg.exclude, output=art / f"scores_seed{seed}.safetensors", force=cfg.force,
+        )
+        scores_paths[seed] = record("score", seed, None, r).path
+        for k in cfg.topk:
+            suf = _ksuf(cfg, k)
+            r = rank_stage(scores_paths[seed], topk=k, mode=cfg.mode, rank_by=cfg.rank_by,
+                           output=art / f"topk_seed{seed}{suf}.h5", force=cfg.force)
+            topk_paths[seed, k] = record("rank", seed, k, r).path
+            for c in cfg.controls:
+                r = control_stage(
+                    scores_paths[seed], kind=c, ref=topk_paths[seed, k], draws=cfg.control_draws,
+                    seed=seed, lm=lm if c == "magnitude_matched" else None,
+                    output=art / f"{c}_seed{seed}{suf}.h5", force=cfg.force,
+                )
+                control_paths[seed, k, c] = record("control", seed, k, r).path
+            if cfg.perturb != "none":
+                sels = [topk_paths[seed, k]] + [control_paths[seed, k, c] for c in cfg.controls]
+                r = perturb_stage(
+                    lm, cfg.data, sels, method=cfg.perturb, scale=cfg.perturb_scale,
+                    prob=cfg.perturb_prob, bit=cfg.bit, seed=seed,
+                    output=art / f"perturb_seed{seed}{suf}.h5", force=cfg.force,
+                )
+                perturb_paths[seed, k] = record("perturb", seed, k, r).path
+
+    stab_paths: dict[int, Path] = {}
+    if stability:
+        from cwa.stability import stability_stage
+
+        for k in cfg.topk:
+            r = stability_stage(
+                [scores_paths[s] for s in cfg.seeds], topk=k, rank_by=cfg.rank_by,
+                output=art / f"stability{_ksuf(cfg, k)}.h5", force=cfg.force,
+            )
+            stab_paths[k] = record("stability", None, k, r).path
+
+    # Top-level reports (cheap; rewritten from the artifacts every time).
+    s0, k0 = cfg.seeds[0], cfg.topk[0]
+    sel0, art0 = A.read_selection(topk_paths[s0, k0])
+    A.write_json(out / "sensitivity_stats.json", {"metric": cfg.metric, "seed": s0, "k": k0, **(art0.doc or {}).get("stats", {}),
+                                                  "all_seeds": {str(s): str(scores_paths[s].relative_to(out)) for s in cfg.seeds}})
+    write_topk_csv(out / "top_weights.csv", sel0, A.open_scores(scores_paths[s0]), lm if lm.loaded else None)
+    results = _perturbation_report(cfg, perturb_paths) if perturb_paths else None
+    if results is not None:
+        A.write_json(out / "perturbation_results.json", results)
+    A.write_json(out / "control_baselines.json", _control_report(cfg, topk_paths, control_paths, results))
+    if stab_paths:
+        A.write_json(out / "stability_results.json", A.read_h5(stab_paths[k0]).doc)
+
+    plots: list[str] = []
+    if cfg.save_plots:
+        t0 = time.perf_counter()
+        from cwa.plotting import plot_artifacts
+
+        plot_inputs = [topk_paths[s0, k] for k in cfg.topk]
+        plot_inputs += [perturb_paths[s0, k] for k in cfg.topk if (s0, k) in perturb_paths]
+        plot_inputs += [stab_paths[k] for k in cfg.topk if k in stab_paths]
+        plots = [str(p.relative_to(out)) for p in plot_artifacts(plot_inputs, out / "plots")]
+        stages.append({"stage": "plot", "seconds": round(time.perf_counter() - t0, 4), "cache_hit": False,
+                       "files": plots})
+
+    config = _config_dict(cfg, out, stability)
+    A.write_json(out / "config.json", config)
+    manifest = {
+        "cwa_version": __version__,
+        "command_line": argv if argv is not None else sys.argv,
+        "cwd": os.getcwd(),
+        "started": started,
+        "finished": A.now_iso(),
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "hardware": _hardware(),
+        "model": {"name": lm.name, "fingerprint": lm.fingerprint, "dtype": lm.dtype, "device": lm.device,
+                  "revision": lm.revision, "source": lm.source, "loaded": lm.loaded},
+        "data": _data_fingerprints(scores_paths, perturb_paths),
+        "stages": stages,
+        "artifacts": {str(p.relative_to(out)): _fp_of(p) for p in sorted(art.iterdir()) if not p.name.startswith(".")},
+        "plots": plots,
+        "all_cache_hits": all(s.get("cache_hit") for s in stages if s["stage"] != "plot"),
+    }
+    A.write_json(out / "experiment_manifest.json", manifest)
+    return out
+
+
+def _fp_of(p: Path) -> str | None:
+    try:
+        if p.suffix == ".safetensors":
+            return A.open_scores(p).fingerprint
+        return A.read_h5(p).fingerprint
+    except Exception:
+        return None
+
+
+def _data_fingerprints(scores_paths: dict[int, Path], perturb_paths: dict) -> dict[str, Any]:
+    d: dict[str, Any] = {"calibration": {}, "evaluation": None}
+    for s, p in scores_paths.items():
+        sc = A.open_scores(p)
+        d["calibration"][str(s)] = {"fingerprint": sc.meta.get("cwa.data_fingerprint"),
+                                    "windows": sc.json_meta("cwa.windows", [])}
+    for p in perturb_paths.values():
+        d["evaluation"] = {"fingerprint": A.read_h5(p).attrs.get("data_fingerprint")}
+        break
+    return d
+
+
+def _perturbation_report(cfg: RunConfig, perturb_paths: dict[tuple[int, int], Path]) -> dict[str, Any]:
+    s0, k0 = cfg.seeds[0], cfg.topk[0]
+    docs = {key: A.read_h5(p).doc for key, p in perturb_paths.items()}
+    conditions = []
+    for (_seed, _k), doc in sorted(docs.items()):
+        conditions.extend(doc["conditions"])
+    rep = {
+        "baseline": docs[s0, k0]["baseline"],
+        "conditions": conditions,
+        "summary": docs[s0, k0]["summary"],
+        "summary_by_seed": {str(s): docs[s, k0]["summary"] for s in cfg.seeds if (s, k0) in docs},
+    }
+    if len(cfg.topk) > 1:
+        rep["summary_by_k"] = {str(k): docs[s0, k]["summary"] for k in cfg.topk if (s0, k) in docs}
+    rep["method"] = cfg.perturb
+    rep["eval_windows"] = docs[s0, k0].get("eval_windows")
+    return rep
+
+
+def _control_report(cfg, topk_paths, control_paths, results) -> dict[str, Any]:
+    import numpy as np
+
+    s0, k0 = cfg.seeds[0], cfg.topk[0]
+    ref, _ = A.read_selection(topk_paths[s0, k0])
+    ref_keys = set(zip(ref.draws[0].param_index.tolist(), ref.draws[0].flat_index.tolist(), strict=True))
+    rep: dict[str, Any] = {}
+    for c in cfg.controls:
+        sel, _ = A.read_selection(control_paths[s0, k0, c])
+        overlaps = [
+            len(ref_keys & set(zip(d.param_index.tolist(), d.flat_index.tolist(), strict=True))) for d in sel.draws
+        ]
+        counts = {}
+        for d in sel.draws[:1]:
+            idx, n = np.unique(d.param_index, return_counts=True)
+            counts = {sel.params[i]: int(c_) for i, c_ in zip(idx, n, strict=True)}
+        rep[c] = {
+            "k": sel.k,
+            "mode": sel.mode,
+            "size": int(len(sel.draws[0].flat_index)),
+            "draws": len(sel.draws),
+            "seed": s0,
+            "overlap_with_topk": overlaps,
+            "per_tensor_counts_draw0": counts,
+            "info": sel.info,
+            "effect": (results or {}).get("summary", {}).get(c),
+        }
+    return rep
+
+
+def _config_dict(cfg: RunConfig, out: Path, stability: bool) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["out_dir"] = str(out)
+    d["stability_check"] = stability
+    return d
+
+
+def _versions() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    v: dict[str, Any] = {"python": sys.version.split()[0]}
+    for pkg in ("cwa", "torch", "transformers", "tokenizers", "safetensors", "h5py", "numpy"):
+        try:
+            v[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            v[pkg] = None
+    try:
+        freeze = subprocess.run(
+            [sys.executable, "-m", "pip", "freeze", "--disable-pip-version-check"],
+            capture_output=True, text=True, timeout=60,
+        )
+        v["pip_freeze"] = freeze.stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        v["pip_freeze"] = None
+    return v
+
+
+def _git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if r.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+            return r.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def _hardware() -> dict[str, Any]:
+    import torch
+
+    hw: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        hw["memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        hw["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw
+

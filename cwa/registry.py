@@ -1,0 +1,61 @@
+"""One generic registry for metrics, perturbations and controls.
+
+CLI choices come from a registry's keys, so adding a metric is one file plus one
+`register` call. Unknown names raise `UsageError` with "did you mean" suggestions.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from cwa.errors import UsageError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._aliases: dict[str, str] = {}
+
+    def register(self, name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._items[name] = obj
+            for a in aliases:
+                self._aliases[a] = name
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T, *, aliases: tuple[str, ...] = ()) -> T:
+        return self.register(name, aliases=aliases)(obj)
+
+    def resolve(self, name: str) -> str:
+        key = name.strip()
+        if key in self._items:
+            return key
+        if key in self._aliases:
+            return self._aliases[key]
+        choices = sorted(self._items) + sorted(self._aliases)
+        close = difflib.get_close_matches(key, choices, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UsageError(
+            f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(sorted(self._items))}."
+        )
+
+    def get(self, name: str) -> T:
+        return self._items[self.resolve(name)]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items or name in self._aliases
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))

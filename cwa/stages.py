@@ -1,0 +1,594 @@
+"""The stages, one function each: read inputs, compute the fingerprint, return the cached
+artifact when it matches, otherwise compute and write it atomically.
+
+`cwa/commands/*` parse flags and call these; `cwa.pipeline` (`cwa run`) calls them in
+order with one loaded model. The math lives in `cwa.metrics`, `cwa.ranking`,
+`cwa.controls`, `cwa.perturb`, `cwa.evaluate` and `cwa.stability`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cwa import __version__
+from cwa import artifacts as A
+from cwa.console import log, progress
+from cwa.errors import ArtifactError, UsageError
+
+
+@dataclass
+class StageResult:
+    path: Path
+    fingerprint: str
+    cached: bool
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelOptions:
+    model: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+
+    def load(self, *, second_order: bool = False, lazy: bool = True):
+        from cwa.models import load_model
+
+        return load_model(
+            self.model,
+            revision=self.revision,
+            dtype=self.dtype,
+            device=self.device,
+            second_order=second_order,
+            trust_remote_code=self.trust_remote_code,
+            device_map=self.device_map,
+            lazy=lazy,
+        )
+
+
+@dataclass
+class DataOptions:
+    data: str | None = None
+    eval_data: str | None = None
+    data_seed: int | None = None
+    calib_samples: int = 32
+    eval_samples: int = 32
+    seq_len: int | None = None
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.batch_size <= 0:
+            raise UsageError(f"--batch-size {self.batch_size}: must be a positive integer")
+        if self.calib_samples <= 0:
+            raise UsageError(f"--calib-samples {self.calib_samples}: must be a positive number of windows")
+        if self.eval_samples <= 0:
+            raise UsageError(f"--eval-samples {self.eval_samples}: must be a positive number of windows")
+
+    def split(self, lm, *, seed: int, calib: bool, evaluation: bool):
+        from cwa.data import prepare_data
+
+        self.validate()
+        return prepare_data(
+            lm.tokenizer,
+            lm.config,
+            data=self.data,
+            eval_data=self.eval_data,
+            seq_len=self.seq_len,
+            calib_samples=self.calib_samples,
+            eval_samples=self.eval_samples,
+            data_seed=seed if self.data_seed is None else self.data_seed,
+            need_calib=calib,
+            need_eval=evaluation,
+        )
+
+
+def _done(path: Path, fp: str, cached: bool, t0: float, **extra: Any) -> StageResult:
+    return StageResult(Path(path), fp, cached, time.perf_counter() - t0, extra)
+
+
+def _check_model(lm, want: str, what: Path) -> None:
+    if want and lm.fingerprint != want:
+        raise ArtifactError(
+            f"{what}: was computed on another model (fingerprint {want[:12]}…, this model "
+            f"{lm.fingerprint[:12]}…); pass the same --model"
+        )
+
+
+def _named_params(model) -> dict[str, Any]:
+    return dict(model.named_parameters())
+
+
+# --------------------------------------------------------------------------- score
+
+
+def score_stage(
+    lm,
+    data: DataOptions,
+    *,
+    metric: str,
+    seed: int = 0,
+    mc_samples: int = 1,
+    hutchinson_samples: int = 8,
+    obd: bool = False,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    score_dtype: str = "float32",
+    output: Path | None = None,
+    force: bool = False,
+) -> StageResult:
+    from cwa.metrics import METRICS, MetricOptions, compute_scores, select_params
+
+    t0 = time.perf_counter()
+    name = METRICS.resolve(metric)
+    cls = METRICS.get(name)
+    if obd and not getattr(cls, "curvature", False):
+        raise UsageError(
+            f"--obd needs a curvature metric (grad_squared, hessian_diag, hutchinson_diag), not {name}"
+        )
+    if mc_samples <= 0:
+        raise UsageError(f"--mc-samples {mc_samples}: must be a positive integer")
+    if hutchinson_samples <= 0:
+        raise UsageError(f"--hutchinson-samples {hutchinson_samples}: must be a positive integer")
+    if score_dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--score-dtype {score_dtype!r}: choose float32, bfloat16 or float16")
+    if score_dtype == "float16" and name != "magnitude":
+        raise UsageError(
+            f"--score-dtype float16: scores of {name} underflow float16; use bfloat16 or float32"
+        )
+    needs_data = getattr(cls, "needs_data", True)
+    calib = data.split(lm, seed=seed, calib=True, evaluation=False).calibration if needs_data else None
+    opts: dict[str, Any] = {
+        "include": include or None,
+        "exclude": exclude or None,
+        "obd": obd,
+        "score_dtype": score_dtype,
+    }
+    if name == "hessian_diag":
+        opts["mc_samples"] = mc_samples
+    if name == "hutchinson_diag":
+        opts["hutchinson_samples"] = hutchinson_samples
+    if calib is not None:
+        opts["data"] = calib.source
+    data_fp = calib.fingerprint if calib is not None else "none"
+    stochastic = name in ("hessian_diag", "hutchinson_diag")
+    fp = A.stage_fingerprint(
+        "score",
+        model=lm.fingerprint,
+        data=data_fp,
+        metric=name,
+        seed=seed if stochastic else None,
+        options=opts,
+    )
+    out = A.resolve_output(output, "scores", fp, ".safetensors")
+    if not force and A.cached(out, fp, A.scores_fingerprint_of):
+        return _done(out, fp, True, t0)
+    model = lm.model
+    params = select_params(model, include, exclude)
+    mopts = MetricOptions(seed=seed, mc_samples=mc_samples, hutchinson_samples=hutchinson_samples, obd=obd)
+    if calib is not None:
+        with progress(f"score {name}", len(calib)) as adv:
+            scores, notes = compute_scores(
+                model, params, calib.ids, calib.indices, name, mopts, batch_size=data.batch_size, progress=adv
+            )
+    else:
+        scores, notes = compute_scores(model, params, None, [], name, mopts, batch_size=data.batch_size)
+    for n in notes:
+        log(f"note: {n}")
+    meta = {
+        "cwa.metric": name,
+        "cwa.model": lm.name,
+        "cwa.model_fingerprint": lm.fingerprint,
+        "cwa.model_dtype": lm.dtype,
+        "cwa.data_fingerprint": data_fp,
+        "cwa.fingerprint": fp,
+        "cwa.seed": str(seed),
+        "cwa.n_windows": str(len(calib) if calib is not None else 0),
+        "cwa.seq_len": str(calib.seq_len if calib is not None else 0),
+        "cwa.windows": json.dumps(calib.indices if calib is not None else []),
+        "cwa.options": json.dumps({**opts, "signed": bool(getattr(cls, "signed", False)), "notes": notes}),
+    }
+    A.write_scores(out, scores, meta, dtype=score_dtype)
+    return _done(out, fp, False, t0)
+
+
+# --------------------------------------------------------------------------- rank
+
+
+def default_rank_by(scores) -> str:
+    return "abs"
+
+
+def rank_stage(
+    scores_path: Path,
+    *,
+    topk: int,
+    mode: str = "global",
+    rank_by: str | None = None,
+    output: Path | None = None,
+    csv: Path | None = None,
+    stats: Path | None = None,
+    lm=None,
+    force: bool = False,
+) -> StageResult:
+    from cwa.ranking import sensitivity_stats
+    from cwa.ranking import topk as rank_topk
+
+    t0 = time.perf_counter()
+    _check_topk(topk)
+    _check_mode(mode)
+    rank_by = _check_rank_by(rank_by)
+    sc = A.open_scores(scores_path)
+    if lm is not None:
+        _check_model(lm, sc.model_fingerprint, sc.path)
+    fp = A.stage_fingerprint("rank", scores=sc.fingerprint, k=topk, mode=mode, rank_by=rank_by)
+    out = A.resolve_output(output, "topk", fp, ".h5")
+    if not force and A.cached(out, fp, A.h5_fingerprint_of) and (csv is None or csv.exists()) and (
+        stats is None or stats.exists()
+    ):
+        return _done(out, fp, True, t0)
+    sel = rank_topk(sc, topk, mode=mode, rank_by=rank_by)
+    st, hist = sensitivity_stats(sc, sel)
+    prov = _provenance(sc)
+    extra = _hist_arrays(hist)
+    A.write_selection(out, sel, fingerprint=fp, provenance=prov, extra_arrays=extra, doc={"stats": st})
+    if csv is not None:
+        write_topk_csv(csv, sel, sc, lm)
+    if stats is not None:
+        A.write_json(stats, {"metric": sc.metric, "scores": str(sc.path), **st})
+    if sel.ties_at_k > 1:
+        log(f"note: {sel.ties_at_k} entries tie with the K-th score", verbose_only=True)
+    return _done(out, fp, False, t0)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("global", "per_layer"):
+        raise UsageError(f"--mode {mode!r}: choose global or per_layer")
+
+
+def _check_rank_by(rank_by: str | None) -> str:
+    rank_by = rank_by or "abs"
+    if rank_by not in ("abs", "value"):
+        raise UsageError(f"--rank-by {rank_by!r}: choose abs or value")
+    return rank_by
+
+
+def _check_topk(topk: int) -> None:
+    if topk <= 0:
+        raise UsageError(f"--topk {topk}: K must be a positive integer")
+
+
+def _provenance(sc) -> dict[str, Any]:
+    return {
+        "scores": str(sc.path),
+        "scores_fingerprint": sc.fingerprint,
+        "model": sc.meta.get("cwa.model"),
+        "model_fingerprint": sc.model_fingerprint,
+        "data_fingerprint": sc.meta.get("cwa.data_fingerprint"),
+        "metric": sc.metric,
+        "scores_seed": sc.meta.get("cwa.seed"),
+        "cwa_version": __version__,
+    }
+
+
+def _hist_arrays(hist: dict[str, Any]) -> dict[str, Any]:
+    return {f"stats/{k}": v for k, v in hist.items()}
+
+
+def layer_of(name: str) -> str:
+    """The block number in a parameter name (`transformer.h.3.attn...` -> "3"), or ""."""
+    import re
+
+    m = re.search(r"\.(?:h|layers|layer|blocks|block)\.(\d+)\.", name)
+    return m.group(1) if m else ""
+
+
+def write_topk_csv(path: Path, sel, sc, lm=None) -> Path:
+    """top_weights.csv: rank, param, layer, coords, flat_index, score, value."""
+    import csv as _csv
+    import io
+
+    import numpy as np
+
+    d = sel.draws[0]
+    values = None
+    if lm is not None:
+        named = _named_params(lm.model)
+        values = np.empty(len(d.flat_index), dtype=np.float64)
+        for pi in np.unique(d.param_index):
+            p = named[sel.params[pi]].detach().reshape(-1)
+            mask = d.param_index == pi
+            values[mask] = p[np.asarray(d.flat_index[mask])].double().cpu().numpy()
+    buf = io.StringIO()
+    w = _csv.writer(buf)
+    w.writerow(["rank", "param", "layer", "coords", "flat_index", "score", "value"])
+    for r, (pi, fi, s) in enumerate(zip(d.param_index, d.flat_index, d.score, strict=True), 1):
+        name = sel.params[pi]
+        coords = ",".join(str(int(c)) for c in np.unravel_index(int(fi), sc.shape(name)))
+        val = "" if values is None else repr(float(values[r - 1]))
+        w.writerow([r, name, layer_of(name), coords, int(fi), repr(float(s)), val])
+    return A.write_text_atomic(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- control
+
+
+def control_stage(
+    scores_path: Path,
+    *,
+    kind: str,
+    topk: int | None = None,
+    mode: str = "global",
+    rank_by: str | None = None,
+    ref: Path | None = None,
+    draws: int = 20,
+    seed: int = 0,
+    lm=None,
+    output: Path | None = None,
+    force: bool = False,
+) -> StageResult:
+    from cwa.controls import CONTROLS, make_control
+    from cwa.ranking import topk as rank_topk
+
+    t0 = time.perf_counter()
+    kind = CONTROLS.resolve(kind)
+    if draws <= 0:
+        raise UsageError(f"--control-draws {draws}: must be a positive integer")
+    sc = A.open_scores(scores_path)
+    if ref is not None:
+        ref_sel, ref_art = A.read_selection(ref)
+        if ref_sel.kind != "topk":
+            raise UsageError(f"--ref {ref}: is a {ref_sel.kind} selection, expected a top-K selection")
+        if A.provenance(ref_art).get("scores_fingerprint") not in (None, sc.fingerprint):
+            raise ArtifactError(f"--ref {ref}: was ranked from other scores than {sc.path}")
+        ref_fp = ref_art.fingerprint
+        topk, mode, rank_by = ref_sel.k, ref_sel.mode, ref_sel.rank_by
+    else:
+        if topk is None:
+            raise UsageError("cwa control needs --topk K or --ref TOPK.h5")
+        _check_topk(topk)
+        _check_mode(mode)
+        rank_by = _check_rank_by(rank_by)
+        ref_sel, ref_fp = None, None
+    if kind == "magnitude_matched" and lm is None:
+        raise UsageError("--kind magnitude_matched needs --model (it matches the top-K's |w|)")
+    if lm is not None:
+        _check_model(lm, sc.model_fingerprint, sc.path)
+    deterministic = kind == "bottom_k"
+    fp = A.stage_fingerprint(
+        "control",
+        scores=sc.fingerprint,
+        kind=kind,
+        k=topk,
+        mode=mode,
+        rank_by=rank_by,
+        ref=ref_fp,
+        draws=None if deterministic else draws,
+        seed=None if deterministic else seed,
+        model=lm.fingerprint if kind == "magnitude_matched" else None,
+    )
+    out = A.resolve_output(output, kind, fp, ".h5")
+    if not force and A.cached(out, fp, A.h5_fingerprint_of):
+        return _done(out, fp, True, t0)
+    if ref_sel is None:
+        ref_sel = rank_topk(sc, topk, mode=mode, rank_by=rank_by)
+    weights = None
+    if kind == "magnitude_matched":
+        named = _named_params(lm.model)
+        weights = {n: named[n].detach() for n in sc.names}
+    sel = make_control(kind, sc, ref_sel, draws=draws, seed=seed, weights=weights)
+    prov = _provenance(sc)
+    prov["ref"] = str(ref) if ref is not None else None
+    A.write_selection(out, sel, fingerprint=fp, provenance=prov)
+    return _done(out, fp, False, t0)
+
+
+# --------------------------------------------------------------------------- perturb
+
+
+def condition_name(kind: str) -> str:
+    return kind
+
+
+def perturb_stage(
+    lm,
+    data: DataOptions,
+    selections: list[Path],
+    *,
+    method: str,
+    scale: float | None = None,
+    prob: float = 1.0,
+    bit: str = "exponent_msb",
+    seed: int = 0,
+    output: Path | None = None,
+    json_path: Path | None = None,
+    force: bool = False,
+) -> StageResult:
+    import numpy as np
+
+    from cwa.evaluate import evaluate
+    from cwa.perturb import PERTURBATIONS, perturbed, summarize
+
+    t0 = time.perf_counter()
+    method = PERTURBATIONS.resolve(method)
+    scale = default_scale(method, scale)
+    if scale is not None and scale < 0:
+        raise UsageError(f"--perturb-scale {scale}: must be non-negative")
+    if not 0.0 <= prob <= 1.0:
+        raise UsageError(f"--perturb-prob {prob}: must be a probability in [0, 1]")
+    bit = _check_bit(bit)
+    if not selections:
+        raise UsageError("cwa perturb needs at least one selection artifact")
+    sels = []
+    for p in selections:
+        sel, art = A.read_selection(p)
+        _check_model(lm, A.provenance(art).get("model_fingerprint", ""), art.path)
+        sels.append((p, sel, art))
+    ev = data.split(lm, seed=seed, calib=False, evaluation=True).evaluation
+    fp = A.stage_fingerprint(
+        "perturb",
+        selections=[a.fingerprint for _, _, a in sels],
+        model=lm.fingerprint,
+        data=ev.fingerprint,
+        method=method,
+        scale=scale if method in ("sign_flip", "gauss_noise") else None,
+        prob=prob if method == "bit_flip" else None,
+        bit=bit if method == "bit_flip" else None,
+        seed=seed if method in ("gauss_noise", "bit_flip") else None,
+    )
+    out = A.resolve_output(output, "perturb", fp, ".h5")
+    if not force and A.cached(out, fp, A.h5_fingerprint_of):
+        if json_path is not None and not json_path.exists():
+            A.write_json(json_path, A.read_h5(out).doc)
+        return _done(out, fp, True, t0)
+
+    model = lm.model
+    named = _named_params(model)
+    n_cond = sum(len(s.draws) for _, s, _ in sels)
+    arrays: dict[str, Any] = {}
+    conditions: list[dict[str, Any]] = []
+    per_window: dict[str, Any] = {}
+    with progress("perturb", (n_cond + 1) * len(ev)) as adv:
+        base = evaluate(model, ev, batch_size=data.batch_size, keep_baseline=True, progress=adv)
+        try:
+            arrays["baseline/per_window_nll"] = base.per_window_nll
+            per_window["baseline"] = base.per_window_nll
+            for si, (_, sel, art) in enumerate(sels):
+                missing = [n for n in sel.params if n not in named]
+                if missing:
+                    raise ArtifactError(
+                        f"{art.path}: names parameter {missing[0]!r} that the model does not have"
+                    )
+                params = [named[n] for n in sel.params]
+                for d, draw in enumerate(sel.draws):
+                    with perturbed(
+                        params, draw, method, scale=scale, prob=prob, bit=bit, seed=seed, draw_index=d
+                    ) as rec:
+                        res = evaluate(model, ev, batch_size=data.batch_size, baseline=base.baseline, progress=adv)
+                    i = len(conditions)
+                    m = res.metrics
+                    cond = {
+                        "name": condition_name(sel.kind),
+                        "selection": si,
+                        "seed": sel.seed,
+                        "draw": d,
+                        "k": sel.k,
+                        "mode": sel.mode,
+                        "n_selected": int(len(draw.flat_index)),
+                        "method": method,
+                        "scale": scale,
+                        "prob": prob if method == "bit_flip" else None,
+                        "bit": bit if method == "bit_flip" else None,
+                        "n_changed": int(rec.n_changed),
+                        "delta_w_norm": float(rec.delta_w_norm),
+                        "nll": m["nll"],
+                        "perplexity": m["perplexity"],
+                        "token_accuracy": m["token_accuracy"],
+                        "bits_per_byte": m["bits_per_byte"],
+                        "delta_nll": m["nll"] - base.metrics["nll"],
+                        "kl_from_baseline": m["kl_from_baseline"],
+                        "top1_agreement": m["top1_agreement"],
+                        "restored": bool(rec.restored),
+                    }
+                    conditions.append(cond)
+                    arrays[f"conditions/{i}/per_window_nll"] = res.per_window_nll
+                    per_window[i] = res.per_window_nll
+                    if getattr(rec, "bits", None) is not None:
+                        arrays[f"conditions/{i}/bits"] = np.asarray(rec.bits)
+        finally:
+            if base.baseline is not None:
+                base.baseline.close()
+    if not all(c["restored"] for c in conditions):
+        raise ArtifactError("a perturbation was not restored bit for bit; results discarded")
+    summary = summarize(conditions, per_window)
+    doc = {
+        "baseline": {k: base.metrics[k] for k in ("nll", "perplexity", "token_accuracy", "bits_per_byte", "n_tokens")},
+        "conditions": conditions,
+        "summary": summary,
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint,
+        "eval_data": ev.source,
+        "eval_windows": ev.indices,
+        "selections": [str(p) for p, _, _ in sels],
+    }
+    arrays["eval_windows"] = np.asarray(ev.indices, dtype=np.int64)
+    attrs = {
+        "fingerprint": fp,
+        "method": method,
+        "model_fingerprint": lm.fingerprint,
+        "data_fingerprint": ev.fingerprint,
+        "seed": seed,
+        "provenance": {"selections": [str(p) for p, _, _ in sels], "model": lm.name},
+    }
+    A.write_h5(out, A.PERTURBATION_SCHEMA, attrs, arrays, doc=doc)
+    if json_path is not None:
+        A.write_json(json_path, doc)
+    return _done(out, fp, False, t0)
+
+
+def default_scale(method: str, scale: float | None) -> float | None:
+    if method == "sign_flip":
+        return 1.0 if scale is None else scale
+    if method == "gauss_noise":
+        return 0.1 if scale is None else scale
+    return scale
+
+
+def _check_bit(bit: str) -> str | int:
+    named = ("sign", "exponent_msb", "mantissa_msb", "random")
+    if bit in named:
+        return bit
+    try:
+        v = int(bit)
+    except ValueError:
+        raise UsageError(f"--bit {bit!r}: choose {', '.join(named)} or a bit index (0 = least significant)") from None
+    if v < 0:
+        raise UsageError(f"--bit {bit}: a bit index must be non-negative")
+    return v
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def eval_stage(
+    lm,
+    data: DataOptions,
+    *,
+    output: Path | None = None,
+    force: bool = False,
+) -> StageResult:
+    from cwa.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    ev = data.split(lm, seed=0, calib=False, evaluation=True).evaluation
+    fp = A.stage_fingerprint("eval", model=lm.fingerprint, data=ev.fingerprint)
+    out = Path(output) if output is not None else A.default_output("eval", fp, ".json")
+    if not force and out.exists():
+        try:
+            if json.loads(out.read_text()).get("fingerprint") == fp:
+                return _done(out, fp, True, t0)
+        except (OSError, json.JSONDecodeError, AttributeError):
+            pass
+    with progress("eval", len(ev)) as adv:
+        res = evaluate(lm.model, ev, batch_size=data.batch_size, progress=adv)
+    doc = {
+        **res.metrics,
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint,
+        "dtype": lm.dtype,
+        "eval_data": ev.source,
+        "seq_len": ev.seq_len,
+        "eval_windows": ev.indices,
+        "data_fingerprint": ev.fingerprint,
+        "fingerprint": fp,
+        "cwa_version": __version__,
+        "created": A.now_iso(),
+    }
+    A.write_json(out, doc)
+    return _done(out, fp, False, t0, metrics=res.metrics)
