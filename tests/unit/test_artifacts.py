@@ -1,0 +1,112 @@
+"""Artifacts round-trip with their metadata; corruption and interruption are clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cwa import artifacts as A
+from cwa.errors import ArtifactError
+
+
+def _scores(tmp_path, name="s.safetensors"):
+    t = {"b.weight": torch.randn(3, 4), "a.weight": torch.randn(5)}
+    meta = {"cwa.metric": "magnitude", "cwa.fingerprint": "fp1", "cwa.windows": [1, 2]}
+    return A.write_scores(tmp_path / name, t, meta), t
+
+
+def test_scores_round_trip_with_metadata_and_order(tmp_path):
+    p, t = _scores(tmp_path)
+    sc = A.open_scores(p)
+    assert sc.names == ["b.weight", "a.weight"]  # param order, not safetensors' sorted order
+    assert sc.metric == "magnitude" and sc.fingerprint == "fp1"
+    assert sc.json_meta("cwa.windows") == [1, 2]
+    assert sc.meta["cwa.schema"] == "scores/1" and "cwa.created" in sc.meta
+    for n in t:
+        assert torch.equal(sc.get(n), t[n])
+        assert sc.shape(n) == tuple(t[n].shape)
+    pieces = list(sc.chunks("b.weight", chunk_elems=4))
+    assert len(pieces) == 3
+    assert torch.equal(torch.cat([x for _, x in pieces]), t["b.weight"].reshape(-1))
+
+
+def test_bfloat16_scores(tmp_path):
+    t = {"w": torch.randn(4, 4)}
+    p = A.write_scores(tmp_path / "s.safetensors", t, {}, dtype="bfloat16")
+    assert torch.equal(A.open_scores(p).get("w"), t["w"].bfloat16().float())
+
+
+def test_corrupted_scores_tensor_is_detected(tmp_path):
+    p, _ = _scores(tmp_path)
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0xFF
+    p.write_bytes(bytes(data))
+    sc = A.open_scores(p)
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        for n in sc.names:
+            sc.get(n)
+
+
+@pytest.mark.parametrize("cut", [4, 20, 60])
+def test_truncated_scores_are_refused(tmp_path, cut):
+    p, _ = _scores(tmp_path)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - cut] if cut < len(data) else data[:cut])
+    with pytest.raises(ArtifactError):
+        sc = A.open_scores(p)
+        for n in sc.names:
+            sc.get(n)
+
+
+def test_not_an_artifact(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_text("hello world, I am not a safetensors file")
+    with pytest.raises(ArtifactError):
+        A.open_scores(p)
+    with pytest.raises(ArtifactError, match="no such file"):
+        A.open_scores(tmp_path / "missing.safetensors")
+
+
+def test_h5_round_trip_and_integrity(tmp_path):
+    arrays = {"x": np.arange(5), "g/y": np.ones((2, 2), np.float32), "names": np.array(["a", "b"], dtype=object)}
+    p = A.write_h5(tmp_path / "r.h5", "perturbation/1", {"fingerprint": "f", "k": 3, "d": {"a": 1}}, arrays, doc={"v": [1.0, float("inf")]})
+    art = A.read_h5(p, "perturbation/1")
+    assert art.schema == "perturbation/1" and art.fingerprint == "f" and art.attrs["k"] == 3
+    assert json.loads(art.attrs["d"]) == {"a": 1}
+    assert art.doc == {"v": [1.0, "inf"]}
+    np.testing.assert_array_equal(art.arrays["g/y"], arrays["g/y"])
+    assert list(art.arrays["names"]) == ["a", "b"]
+    with pytest.raises(ArtifactError, match="expected a selection/1"):
+        A.read_h5(p, "selection/1")
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        A.read_h5(p)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError), A.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    A.write_json(target, {"a": float("nan")})
+    assert json.loads(target.read_text()) == {"a": "nan"}
+    assert os.listdir(tmp_path) == ["out.json"]
+
+
+def test_json_safe_strict():
+    s = A.dumps({"a": float("inf"), "b": -float("inf"), "c": np.float32(1.5), "d": np.arange(2)})
+    assert json.loads(s) == {"a": "inf", "b": "-inf", "c": 1.5, "d": [0, 1]}
+
+
+def test_stage_fingerprint_depends_on_every_part():
+    a = A.stage_fingerprint("rank", scores="x", k=1)
+    assert a == A.stage_fingerprint("rank", k=1, scores="x")
+    assert a != A.stage_fingerprint("rank", scores="x", k=2)
+    assert a != A.stage_fingerprint("control", scores="x", k=1)
