@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +160,10 @@ def load_model(
             tok_kwargs["revision"] = revision
 
     try:
-        tok = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code, **tok_kwargs)
+        if source == "gguf":
+            tok = _gguf_tokenizer(path, trust_remote_code)
+        else:
+            tok = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code, **tok_kwargs)
         cfg_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "gguf_file", "trust_remote_code")}
         config = AutoConfig.from_pretrained(load_from, **cfg_kwargs)
     except (OSError, ValueError, ImportError, KeyError, RuntimeError) as e:
@@ -179,12 +181,40 @@ def load_model(
             p.requires_grad_(False)
         return m
 
-    ckpt = _checkpoint_dir(source, path, load_from, revision)
-    fp = checkpoint_fingerprint(ckpt, revision) if ckpt is not None else None
+    if source == "gguf":
+        fp = gguf_fingerprint(path)
+    else:
+        ckpt = _checkpoint_dir(source, path, load_from, revision)
+        fp = checkpoint_fingerprint(ckpt, revision) if ckpt is not None else None
     handle = LoadedModel(loader, tok, config, name, fp, dtype_name, dev, revision, source)
     if not lazy:
         handle.model  # noqa: B018 - load now
     return handle
+
+
+# A tokenizer.json beside a .gguf wins over the GGUF's own vocabulary in transformers'
+# tokenizer loader, which then also drops the special tokens (no BOS/EOS): a GGUF converted
+# into its HF model's folder would silently lose the BOS of every window.
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _gguf_tokenizer(p: Path, trust_remote_code: bool):
+    """The tokenizer a GGUF file describes, loaded with that file alone in view."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    def load(folder: str):
+        return AutoTokenizer.from_pretrained(folder, gguf_file=p.name, trust_remote_code=trust_remote_code)
+
+    if not any((p.parent / f).exists() for f in _HF_TOKENIZER_FILES):
+        return load(str(p.parent))
+    with tempfile.TemporaryDirectory(prefix="cwa-gguf-") as d:
+        try:
+            (Path(d) / p.name).symlink_to(p.resolve())
+        except OSError:  # no symlinks here (some Windows setups): the plain load
+            return load(str(p.parent))
+        return load(d)
 
 
 def _load_error(model: str | None, source: str, e: Exception) -> str:
@@ -208,6 +238,21 @@ def _checkpoint_dir(source: str, path: Path | None, load_from: str, revision: st
         except Exception:
             return None
     return None
+
+
+def gguf_fingerprint(path: Path) -> str:
+    """Fingerprint of a GGUF file: its size, its first MiB (header, metadata, tensor table)
+    and a fixed strided sample of 8-byte reads over the rest."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"gguf|{size}\n".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        step = max(1, size // 4096)
+        for off in range(1 << 20, size, step):
+            f.seek(off)
+            h.update(f.read(8))
+    return h.hexdigest()
 
 
 def checkpoint_fingerprint(checkpoint_dir: Path, revision: str | None = None) -> str | None:
