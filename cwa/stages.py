@@ -453,7 +453,7 @@ def perturb_stage(
     n_cond = sum(len(s.draws) for _, s, _ in sels)
     arrays: dict[str, Any] = {}
     conditions: list[dict[str, Any]] = []
-    per_window: dict[str, Any] = {}
+    per_window: dict[str, Any] = {"conditions": []}
     with progress("perturb", (n_cond + 1) * len(ev)) as adv:
         base = evaluate(model, ev, batch_size=data.batch_size, keep_baseline=True, progress=adv)
         try:
@@ -467,8 +467,11 @@ def perturb_stage(
                     )
                 params = [named[n] for n in sel.params]
                 for d, draw in enumerate(sel.draws):
+                    # Each condition gets its own noise stream (index = its position in this
+                    # stage), so the top-K and a control never share noise values.
                     with perturbed(
-                        params, draw, method, scale=scale, prob=prob, bit=bit, seed=seed, draw_index=d
+                        params, draw, method, scale=scale, prob=prob, bit=bit, seed=seed,
+                        draw_index=len(conditions),
                     ) as rec:
                         res = evaluate(model, ev, batch_size=data.batch_size, baseline=base.baseline, progress=adv)
                     i = len(conditions)
@@ -498,7 +501,7 @@ def perturb_stage(
                     }
                     conditions.append(cond)
                     arrays[f"conditions/{i}/per_window_nll"] = res.per_window_nll
-                    per_window[i] = res.per_window_nll
+                    per_window["conditions"].append(res.per_window_nll)
                     if getattr(rec, "bits", None) is not None:
                         arrays[f"conditions/{i}/bits"] = np.asarray(rec.bits)
         finally:
@@ -506,6 +509,7 @@ def perturb_stage(
                 base.baseline.close()
     if not all(c["restored"] for c in conditions):
         raise ArtifactError("a perturbation was not restored bit for bit; results discarded")
+    per_window["conditions"] = np.asarray(per_window["conditions"]).reshape(len(conditions), len(ev))
     summary = summarize(conditions, per_window)
     doc = {
         "baseline": {k: base.metrics[k] for k in ("nll", "perplexity", "token_accuracy", "bits_per_byte", "n_tokens")},

@@ -1,0 +1,316 @@
+"""Streaming top-K / bottom-K against a stable sort of the concatenation, and score stats.
+
+The reference is `np.argsort(-key, kind="stable")` over all scores concatenated in parameter
+order: exactly the definition in the SPEC (ties by parameter position, then flat index).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cwa.errors import CwaError, UsageError
+from cwa.ranking import DictScores, bottomk, sensitivity_stats, topk
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _concat(tensors: dict[str, torch.Tensor]):
+    flat = [t.reshape(-1).double().numpy() for t in tensors.values()]
+    sizes = [len(f) for f in flat]
+    pidx = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)])
+    fidx = np.concatenate([np.arange(n) for n in sizes])
+    return np.concatenate(flat), pidx, fidx
+
+
+def _key(x: np.ndarray, rank_by: str) -> np.ndarray:
+    return np.abs(x) if rank_by == "abs" else x
+
+
+def _ref_global(tensors, k, rank_by, lowest=False):
+    vals, pidx, fidx = _concat(tensors)
+    key = _key(vals, rank_by)
+    order = np.argsort(key if lowest else -key, kind="stable")[:k]
+    ties = int((key == key[order[-1]]).sum())
+    return pidx[order], fidx[order], vals[order], ties
+
+
+def _ref_per_layer(tensors, k, rank_by, lowest=False):
+    ps, fs, vs, ties = [], [], [], 0
+    for i, t in enumerate(tensors.values()):
+        x = t.reshape(-1).double().numpy()
+        key = _key(x, rank_by)
+        order = np.argsort(key if lowest else -key, kind="stable")[:k]
+        if len(x) > k:
+            ties += int((key == key[order[-1]]).sum())
+        ps.append(np.full(len(order), i))
+        fs.append(order)
+        vs.append(x[order])
+    return np.concatenate(ps), np.concatenate(fs), np.concatenate(vs), ties
+
+
+def _check(sel, ref):
+    p, f, v, ties = ref
+    d = sel.draws[0]
+    np.testing.assert_array_equal(d.param_index, p)
+    np.testing.assert_array_equal(d.flat_index, f)
+    np.testing.assert_array_equal(d.score, v.astype(np.float32))
+    assert sel.ties_at_k == ties
+    assert d.param_index.dtype == np.int32 and d.flat_index.dtype == np.int64
+    assert d.score.dtype == np.float32
+
+
+def _tensors(rng: np.random.Generator, shapes, integer: bool):
+    out = {}
+    for i, shape in enumerate(shapes):
+        if integer:  # few distinct values: many ties, signed
+            x = rng.integers(-4, 5, size=shape).astype(np.float32)
+        else:
+            x = rng.standard_normal(size=shape).astype(np.float32)
+        out[f"layer{i}.weight"] = torch.from_numpy(x)
+    return out
+
+
+SHAPES = [(7, 5), (3,), (4, 2, 3), (1, 1), (20,), (6, 6)]
+
+
+# ----------------------------------------------------------------------------- top-K
+
+
+@pytest.mark.parametrize("rank_by", ["abs", "value"])
+@pytest.mark.parametrize("integer", [True, False])
+@pytest.mark.parametrize("chunk", [1, 3, 8, 2**24])
+def test_global_topk_equals_stable_sort(rank_by, integer, chunk):
+    rng = np.random.default_rng(1)
+    tensors = _tensors(rng, SHAPES, integer)
+    n = sum(t.numel() for t in tensors.values())
+    scores = DictScores(tensors, metric="m")
+    for k in (1, 2, 5, 21, 40, n - 1, n):
+        sel = topk(scores, k, rank_by=rank_by, chunk_elems=chunk)
+        _check(sel, _ref_global(tensors, k, rank_by))
+        assert sel.kind == "topk" and sel.k == k and sel.metric == "m"
+        assert sel.params == list(tensors)
+
+
+@pytest.mark.parametrize("rank_by", ["abs", "value"])
+@pytest.mark.parametrize("chunk", [2, 5, 2**24])
+def test_global_bottomk_equals_stable_sort(rank_by, chunk):
+    rng = np.random.default_rng(2)
+    tensors = _tensors(rng, SHAPES, integer=True)
+    scores = DictScores(tensors)
+    for k in (1, 4, 17, 50):
+        sel = bottomk(scores, k, rank_by=rank_by, chunk_elems=chunk)
+        _check(sel, _ref_global(tensors, k, rank_by, lowest=True))
+        assert sel.kind == "bottom_k"
+
+
+@pytest.mark.parametrize("rank_by", ["abs", "value"])
+@pytest.mark.parametrize("lowest", [False, True])
+def test_per_layer_equals_per_tensor_sort(rank_by, lowest):
+    rng = np.random.default_rng(3)
+    tensors = _tensors(rng, SHAPES, integer=True)
+    scores = DictScores(tensors)
+    fn = bottomk if lowest else topk
+    for k in (1, 3, 10, 36, 100):  # 10 > some tensors: those are taken whole
+        sel = fn(scores, k, mode="per_layer", rank_by=rank_by, chunk_elems=4)
+        _check(sel, _ref_per_layer(tensors, k, rank_by, lowest))
+        assert sel.mode == "per_layer"
+        counts = [min(k, t.numel()) for t in tensors.values()]
+        assert sel.info["per_tensor_counts"] == [counts]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=st.lists(st.integers(1, 30), min_size=1, max_size=5),
+    n_values=st.integers(1, 6),
+    chunk=st.integers(1, 12),
+    data=st.data(),
+)
+def test_hypothesis_topk_and_bottomk(shapes, n_values, chunk, data):
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    tensors = {
+        f"t{i}": torch.from_numpy(rng.integers(-n_values, n_values + 1, size=s).astype(np.float32))
+        for i, s in enumerate(shapes)
+    }
+    n = sum(shapes)
+    k = data.draw(st.integers(1, n))
+    rank_by = data.draw(st.sampled_from(["abs", "value"]))
+    scores = DictScores(tensors)
+    _check(topk(scores, k, rank_by=rank_by, chunk_elems=chunk), _ref_global(tensors, k, rank_by))
+    _check(
+        bottomk(scores, k, rank_by=rank_by, chunk_elems=chunk),
+        _ref_global(tensors, k, rank_by, lowest=True),
+    )
+    _check(
+        topk(scores, k, mode="per_layer", rank_by=rank_by, chunk_elems=chunk),
+        _ref_per_layer(tensors, k, rank_by),
+    )
+
+
+def test_all_equal_scores_tie_break_by_position():
+    tensors = {"a": torch.ones(4, 3), "b": torch.ones(5)}
+    sel = topk(DictScores(tensors), 6, chunk_elems=2)
+    d = sel.draws[0]
+    assert d.param_index.tolist() == [0] * 6
+    assert d.flat_index.tolist() == [0, 1, 2, 3, 4, 5]
+    assert sel.ties_at_k == 17
+    sel = topk(DictScores(tensors), 14, chunk_elems=5)
+    assert sel.draws[0].param_index.tolist() == [0] * 12 + [1, 1]
+    assert sel.draws[0].flat_index.tolist()[-2:] == [0, 1]
+
+
+def test_ties_counted_across_chunks_and_tensors():
+    # the K-th key (2) appears in three tensors, partly rejected early by the threshold
+    tensors = {
+        "a": torch.tensor([2.0, 5.0, 2.0, 1.0]),
+        "b": torch.tensor([3.0, 2.0, 2.0]),
+        "c": torch.tensor([2.0, -2.0, 0.0, 4.0]),
+    }
+    for chunk in (1, 2, 3, 100):
+        sel = topk(DictScores(tensors), 4, chunk_elems=chunk)
+        assert sel.ties_at_k == 6  # every |2| in the population
+        assert sel.info["kth_key"] == 2.0
+        sel_v = topk(DictScores(tensors), 4, rank_by="value", chunk_elems=chunk)
+        assert sel_v.ties_at_k == 5  # -2 is not tied by value
+
+
+def test_inf_ranks_highest_and_neg_inf_by_value_lowest():
+    tensors = {
+        "a": torch.tensor([1.0, float("-inf"), 3.0]),
+        "b": torch.tensor([float("inf"), 2.0]),
+    }
+    s = DictScores(tensors)
+    d = topk(s, 2, chunk_elems=1).draws[0]
+    assert list(zip(d.param_index, d.flat_index, strict=True)) == [(0, 1), (1, 0)]
+    assert np.isinf(d.score).all()
+    d = topk(s, 1, rank_by="value").draws[0]
+    assert (d.param_index[0], d.flat_index[0]) == (1, 0)
+    d = bottomk(s, 1, rank_by="value").draws[0]
+    assert (d.param_index[0], d.flat_index[0]) == (0, 1)
+    d = bottomk(s, 5, rank_by="abs").draws[0]  # infinities come last
+    assert np.isinf(d.score[-2:]).all()
+
+
+def test_score_is_raw_signed():
+    s = DictScores({"a": torch.tensor([-5.0, 1.0, 4.0])})
+    d = topk(s, 2).draws[0]
+    assert d.score.tolist() == [-5.0, 4.0]
+
+
+def test_nan_raises_naming_the_tensor():
+    tensors = {"good": torch.ones(3), "blocks.1.attn.weight": torch.tensor([1.0, float("nan")])}
+    for mode in ("global", "per_layer"):
+        with pytest.raises(CwaError, match=r"blocks\.1\.attn\.weight"):
+            topk(DictScores(tensors), 2, mode=mode)
+    with pytest.raises(CwaError, match="NaN"):
+        bottomk(DictScores(tensors), 1, chunk_elems=1)
+
+
+def test_invalid_k_and_options():
+    s = DictScores({"a": torch.ones(3, 2), "b": torch.ones(4)})
+    for k in (0, -1):
+        with pytest.raises(UsageError):
+            topk(s, k)
+    with pytest.raises(UsageError, match=r"11.*10|10.*11"):
+        topk(s, 11)
+    with pytest.raises(UsageError):
+        bottomk(s, 11)
+    topk(s, 11, mode="per_layer")  # per tensor: whole tensors, no error
+    with pytest.raises(UsageError):
+        topk(s, 2, mode="blockwise")
+    with pytest.raises(UsageError):
+        topk(s, 2, rank_by="square")
+
+
+def test_large_k_multiple_compactions():
+    rng = np.random.default_rng(5)
+    tensors = {
+        f"w{i}": torch.from_numpy(rng.integers(0, 50, size=400).astype(np.float32))
+        for i in range(6)
+    }
+    for k in (7, 150, 999):
+        _check(topk(DictScores(tensors), k, chunk_elems=64), _ref_global(tensors, k, "abs"))
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def test_sensitivity_stats_against_numpy():
+    rng = np.random.default_rng(7)
+    tensors = {
+        "a": torch.from_numpy((rng.standard_normal((60, 50)) * 3).astype(np.float32)),
+        "b": torch.from_numpy(rng.lognormal(0, 2, size=2000).astype(np.float32)),
+        "c": torch.from_numpy(np.zeros(40, dtype=np.float32)),
+    }
+    tensors["a"][0, :5] = 0.0
+    tensors["b"][:3] = float("inf")
+    scores = DictScores(tensors, metric="m")
+    before = {n: t.clone() for n, t in tensors.items()}
+    sel = topk(scores, 100, rank_by="value")
+    stats, hist = sensitivity_stats(scores, sel, n_bins=64, chunk_elems=256)
+    for n, t in tensors.items():  # the scores are read, never modified
+        assert torch.equal(t, before[n])
+
+    def check(block, x):
+        finite = x[np.isfinite(x)]
+        assert block["count"] == x.size
+        assert block["n_nonfinite"] == x.size - finite.size
+        assert block["n_zero"] == int((finite == 0).sum())
+        assert math.isclose(block["mean"], finite.mean(), rel_tol=1e-6, abs_tol=1e-12)
+        assert math.isclose(block["std"], finite.std(), rel_tol=1e-6, abs_tol=1e-12)
+        assert math.isclose(block["abs_mean"], np.abs(finite).mean(), rel_tol=1e-6)
+        assert block["min"] == finite.min() and block["max"] == finite.max()
+        edges = hist["edges"]
+        for q, est in block["abs_quantiles"].items():
+            ref = np.quantile(np.abs(finite), float(q), method="inverted_cdf")
+            if ref == 0:
+                assert est == 0
+            else:  # in the bin of the exact quantile: accurate to one bin width
+                b = min(np.searchsorted(edges, ref, side="right") - 1, len(edges) - 2)
+                assert edges[b] <= est <= edges[b + 1], (q, est, ref)
+
+    all_x = np.concatenate([t.reshape(-1).double().numpy() for t in tensors.values()])
+    check(stats["overall"], all_x)
+    for name, t in tensors.items():
+        if name != "c":
+            check(stats["per_tensor"][name], t.reshape(-1).double().numpy())
+    c = stats["per_tensor"]["c"]
+    assert c["n_zero"] == 40 and c["std"] == 0.0
+    assert all(v == 0 for v in c["abs_quantiles"].values())
+
+    # top-K share and the histograms
+    counts = np.bincount(sel.draws[0].param_index, minlength=3)
+    for p, name in enumerate(tensors):
+        assert stats["per_tensor"][name]["topk_count"] == counts[p]
+        assert math.isclose(stats["per_tensor"][name]["topk_share"], counts[p] / 100)
+    pos = np.abs(all_x[np.isfinite(all_x) & (all_x != 0)])
+    assert hist["edges"][0] == pos.min() and hist["edges"][-1] == pos.max()
+    ref_edges = np.geomspace(pos.min(), pos.max(), 65)
+    np.testing.assert_allclose(hist["edges"], ref_edges, rtol=1e-6)  # log-spaced
+    assert np.all(hist["edges"] == hist["edges"].astype(np.float32))
+    assert hist["counts"].shape == (3, 64)
+    for p, t in enumerate(tensors.values()):
+        x = np.abs(t.reshape(-1).double().numpy())
+        x = x[np.isfinite(x) & (x > 0)]
+        ref_counts, _ = np.histogram(x, bins=hist["edges"])  # last bin closed, as ours
+        np.testing.assert_array_equal(hist["counts"][p], ref_counts)
+    assert hist["zeros"].tolist() == [5, 0, 40]
+    assert hist["nonfinite"].tolist() == [0, 3, 0]
+    import json
+
+    json.dumps(stats)  # the stats part is JSON-able as is
+
+
+def test_stats_no_cancellation_with_a_large_offset():
+    rng = np.random.default_rng(8)
+    x = (1e4 + rng.standard_normal(50_000) * 0.05).astype(np.float32)
+    stats, _ = sensitivity_stats(DictScores({"a": torch.from_numpy(x)}), chunk_elems=4096)
+    ref = x.astype(np.float64)
+    assert math.isclose(stats["overall"]["mean"], ref.mean(), rel_tol=1e-12)
+    assert math.isclose(stats["overall"]["std"], ref.std(), rel_tol=1e-6)
