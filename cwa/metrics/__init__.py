@@ -1,0 +1,196 @@
+"""Sensitivity metrics: one module per metric, all behind the `Metric` interface.
+
+`METRICS` maps names (and aliases) to metric classes; `select_params` picks the scored
+parameters; `compute_scores` runs a metric over calibration windows and returns one
+float32 CPU tensor per scored parameter (plus notes for the user).
+
+| name              | score                                  | module              |
+|-------------------|----------------------------------------|---------------------|
+| magnitude         | |w|                                    | magnitude.py        |
+| grad_x_weight     | |w·g|                                  | grad_x_weight.py    |
+| grad_squared      | (1/N) Σ_n g_n²                         | grad_squared.py     |
+| hessian_diag      | (T/(N·S)) Σ_n Σ_s ĝ_{n,s}²             | hessian_diag.py     |
+| hutchinson_diag   | (1/P) Σ_p z_p ⊙ H z_p                  | hutchinson_diag.py  |
+| act_mag           | |W_ij|·RMS_j                           | act_mag.py          |
+
+`--obd` turns a curvature score c into ½·c·w² (curvature metrics only).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+from cwa.errors import UsageError
+from cwa.metrics.act_mag import ActMag
+from cwa.metrics.base import Metric, MetricOptions, input_device, window_index_tensor
+from cwa.metrics.grad_squared import GradSquared
+from cwa.metrics.grad_x_weight import GradXWeight
+from cwa.metrics.hessian_diag import HessianDiag
+from cwa.metrics.hutchinson_diag import HutchinsonDiag
+from cwa.metrics.magnitude import Magnitude
+from cwa.registry import Registry
+
+__all__ = [
+    "METRICS",
+    "Metric",
+    "MetricOptions",
+    "compute_scores",
+    "get_metric",
+    "obd_saliency",
+    "select_params",
+]
+
+METRICS: Registry[type[Metric]] = Registry("metric")
+METRICS.add("magnitude", Magnitude, aliases=("weight_magnitude", "abs"))
+METRICS.add("grad_x_weight", GradXWeight, aliases=("taylor", "gradxweight", "grad_weight"))
+METRICS.add("grad_squared", GradSquared, aliases=("fisher", "empirical_fisher"))
+METRICS.add("hessian_diag", HessianDiag, aliases=("gauss_newton", "ggn", "true_fisher"))
+METRICS.add("hutchinson_diag", HutchinsonDiag, aliases=("hutchinson",))
+METRICS.add("act_mag", ActMag, aliases=("wanda",))
+
+
+def get_metric(name: str) -> type[Metric]:
+    """The metric class for a name or alias (UsageError with suggestions if unknown)."""
+    return METRICS.get(name)
+
+
+def select_params(model, include: list[str] | None = None, exclude: list[str] | None = None):
+    """The scored parameters, `{name: Parameter}` in `named_parameters()` order.
+
+    Default: every parameter with two or more dimensions. `include` (fnmatch globs)
+    replaces the default by every parameter matching any pattern, whatever its
+    dimension; `exclude` then removes every parameter matching any pattern. A tied
+    parameter is listed once, under the name `named_parameters()` gives it, and
+    patterns match any of its names (so `lm_head.weight` selects GPT-2's tied
+    `transformer.wte.weight`). An empty result is a UsageError naming the patterns.
+    """
+    include = [p for p in (include or []) if p]
+    exclude = [p for p in (exclude or []) if p]
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+
+    def matches(p, patterns) -> bool:
+        return any(fnmatch.fnmatchcase(n, pat) for n in aliases[id(p)] for pat in patterns)
+
+    chosen = {}
+    for name, p in model.named_parameters():
+        keep = matches(p, include) if include else p.ndim >= 2
+        if keep and not (exclude and matches(p, exclude)):
+            chosen[name] = p
+    if not chosen:
+        raise UsageError(
+            "No parameters left to score "
+            f"(include={include or ['<every parameter with 2+ dims>']}, exclude={exclude}). "
+            "Check the --include/--exclude patterns against the model's parameter names "
+            "(`cwa info MODEL` lists them)."
+        )
+    return chosen
+
+
+def obd_saliency(curvature: dict, params: dict) -> dict:
+    """Optimal Brain Damage saliency ½·c·w² (float32 CPU) for curvature scores c."""
+    import torch
+
+    return {
+        name: (0.5 * c * params[name].detach().to("cpu", torch.float32).square()).contiguous()
+        for name, c in curvature.items()
+    }
+
+
+@contextmanager
+def scoring_mode(model, params: dict, needs_grad: bool):
+    """eval(), gradients only for the scored parameters; restores flags and mode after."""
+    import torch
+
+    was_training = model.training
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    scored = {id(p) for p in params.values()}
+    try:
+        model.eval()
+        for p, _ in saved:
+            want = needs_grad and id(p) in scored
+            if p.requires_grad != want:
+                p.requires_grad_(want)
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            yield
+    finally:
+        for p, flag in saved:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def compute_scores(
+    model,
+    params: dict,
+    ids,
+    window_indices: Sequence[int] | None,
+    metric: str,
+    options: MetricOptions | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int], object] | None = None,
+) -> tuple[dict, list[str]]:
+    """Score `params` of `model` on calibration windows `ids` `[N, T]`.
+
+    `window_indices` are the windows' global indices (they seed the per-window label
+    draws, so a window scores the same in any batch or shard). Returns
+    `(scores, notes)`: float32 CPU tensors in `params` order (act_mag may leave some
+    out, explained in `notes`). `progress(n_done)` is called after each batch. Batch
+    size changes neither the definition nor, up to float summation order, the result.
+    """
+    import torch
+
+    options = options if options is not None else MetricOptions()
+    options.validate()
+    cls = get_metric(metric)
+    if options.obd and not cls.curvature:
+        curvature = ", ".join(n for n in METRICS.names() if METRICS.get(n).curvature)
+        raise UsageError(f"--obd needs a curvature metric ({curvature}); {cls.name!r} is not one.")
+    if int(batch_size) < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}.")
+    if not params:
+        raise UsageError("No parameters to score.")
+    owned = {id(p) for p in model.parameters()}
+    stray = [n for n, p in params.items() if id(p) not in owned]
+    if stray:
+        raise ValueError(f"parameters not in the model: {stray[:5]}")
+
+    n_total = 0
+    if cls.needs_data:
+        if ids is None:
+            raise UsageError(f"Metric {cls.name!r} needs calibration data.")
+        ids = torch.as_tensor(ids)
+        if ids.ndim != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
+            raise UsageError(
+                f"Calibration windows must be [N, T] token ids with N >= 1 and T >= 2, "
+                f"got shape {tuple(ids.shape)}."
+            )
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise UsageError(f"Calibration windows must be integer token ids, got {ids.dtype}.")
+        ids = ids.long()
+        n_total = ids.shape[0]
+        windows = window_index_tensor(window_indices, n_total)
+        if windows.numel() != n_total:
+            raise UsageError(f"{windows.numel()} window indices for {n_total} calibration windows.")
+
+    scorer = cls(options)
+    with scoring_mode(model, params, needs_grad=cls.needs_grad):
+        try:
+            scorer.begin(model, params)
+            if cls.needs_data:
+                device = input_device(model)
+                for start in range(0, n_total, int(batch_size)):
+                    stop = min(start + int(batch_size), n_total)
+                    scorer.accumulate(ids[start:stop].to(device), windows[start:stop], n_total)
+                    if progress is not None:
+                        progress(stop)
+            scores = scorer.finish()
+        finally:
+            scorer.close()
+    if options.obd:
+        scores = obd_saliency(scores, params)
+    ordered = {name: scores[name] for name in params if name in scores}
+    return ordered, list(scorer.notes)

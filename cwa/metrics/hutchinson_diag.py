@@ -1,0 +1,95 @@
+"""`hutchinson_diag`: score = (1/P) Σ_p z_p ⊙ (H z_p), z_p Rademacher (±1) over the scored
+parameters, H the exact Hessian of the calibration loss L w.r.t. the scored parameters.
+
+What it estimates: the diagonal of the exact Hessian (restricted to the scored
+parameters), unbiased: E[z_i (Hz)_i] = H_ii + Σ_{j≠i} H_ij E[z_i z_j] = H_ii. The variance
+of one probe is Σ_{j≠i} H_ij², so the error shrinks as 1/sqrt(P), P = `--hutchinson-samples`.
+
+Intuition: the second-order Taylor term ½·H_ii·w² is the loss change when w is zeroed at a
+minimum (OBD); Hutchinson's trick reads the diagonal of a matrix that is never formed,
+from Hessian-vector products only.
+
+Caveat: signed — the exact Hessian of a non-convex loss has negative diagonal entries —
+so rank by |score| (the default); with few probes many entries are dominated by
+off-diagonal noise, so compare seeds (`cwa stability`). Needs double backward, so the
+model must use eager attention (fused kernels have no second derivative).
+
+How H z is exact for the whole loss while windows are processed in batches: H is linear in
+the windows, H = Σ_b H_b with H_b the Hessian of (Σ_{n∈b} ℓ_n)/N. Probe z_p for parameter i
+is regenerated for every batch from the CPU generator (seed, "probe", p, i) — i the
+parameter's position in the scored order, values `randint(0, 2) * 2 − 1` in float32 — so
+every batch uses the same z_p and Σ_b z_p ⊙ H_b z_p = z_p ⊙ H z_p. The result does not
+depend on the batch size and a sharded run only sums the accumulators.
+
+Cost: per batch one forward, one backward with create_graph=True and P Hessian-vector
+products (double backward through the retained graph), i.e. about 1 forward + (1 + 2P)
+backward-equivalents per batch. Memory: the graph of the first backward, plus one probe and
+one HVP the size of the scored parameters, plus the float32 accumulator.
+
+Source: Hutchinson 1989 ("A stochastic estimator of the trace of the influence matrix"),
+diagonal variant (Bekas et al. 2007); PyHessian (Yao et al. 2020); OBD saliency with a
+Hessian diagonal: LeCun et al. 1990.
+"""
+
+from __future__ import annotations
+
+from cwa import rng
+from cwa.errors import CwaError
+from cwa.losses import window_losses
+from cwa.metrics.base import Metric, as_float32_cpu
+
+
+def rademacher(seed: int, probe: int, param_index: int, shape):
+    """The probe entries for one parameter: ±1 float32 on the CPU, from (seed, probe, p, i)."""
+    import torch
+
+    gen = rng.generator(seed, "probe", probe, param_index)
+    return torch.randint(0, 2, tuple(shape), generator=gen, dtype=torch.float32).mul_(2).sub_(1)
+
+
+class HutchinsonDiag(Metric):
+    name = "hutchinson_diag"
+    summary = "(1/P) sum_p z_p * (H z_p), Rademacher z: unbiased exact-Hessian diagonal, signed"
+    second_order = True
+    signed = True
+    curvature = True
+
+    def accumulate(self, ids, window_indices, n_total) -> None:
+        import torch
+
+        probes = int(self.options.hutchinson_samples)
+        params = list(self.params.values())
+        objective = window_losses(self.model, ids).sum() / n_total
+        grads = self._grads(objective, create_graph=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not live:  # the loss is linear in every scored parameter: H = 0
+            return
+        accs = list(self.acc.values())
+        for p in range(probes):
+            zs = {
+                i: rademacher(self.options.seed, p, i, params[i].shape).to(params[i].device)
+                for i in live
+            }
+            dot = sum((grads[i].float() * zs[i]).sum() for i in live)
+            try:
+                hvps = torch.autograd.grad(
+                    dot,
+                    params,
+                    retain_graph=p < probes - 1,
+                    allow_unused=True,
+                )
+            except RuntimeError as e:  # fused attention kernels have no double backward
+                if not any(k in str(e).lower() for k in ("derivative", "double backward")):
+                    raise
+                raise CwaError(
+                    f"hutchinson_diag needs double backward, which this model's layers do "
+                    f"not support ({e}). Load the model with eager attention "
+                    f"(attn_implementation='eager')."
+                ) from e
+            for i in live:
+                if hvps[i] is not None:
+                    accs[i].addcmul_(zs[i], hvps[i].float(), value=1.0 / probes)
+            del zs, dot, hvps
+
+    def finish(self):
+        return {name: as_float32_cpu(acc) for name, acc in self.acc.items()}
