@@ -122,6 +122,10 @@ def load_model(
     import torch  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr carries cwa's own progress, not loader bars
+    hf_logging.set_verbosity_error()
     dev = resolve_device(device)
     dtype_name, tdtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"dtype": tdtype, "trust_remote_code": trust_remote_code}

@@ -197,7 +197,7 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> Path:
     sel0, art0 = A.read_selection(topk_paths[s0, k0])
     A.write_json(out / "sensitivity_stats.json", {"metric": cfg.metric, "seed": s0, "k": k0, **(art0.doc or {}).get("stats", {}),
                                                   "all_seeds": {str(s): str(scores_paths[s].relative_to(out)) for s in cfg.seeds}})
-    write_topk_csv(out / "top_weights.csv", sel0, A.open_scores(scores_paths[s0]), lm if lm.loaded else None)
+    write_topk_csv(out / "top_weights.csv", sel0, A.open_scores(scores_paths[s0]), lm)
     results = _perturbation_report(cfg, perturb_paths) if perturb_paths else None
     if results is not None:
         A.write_json(out / "perturbation_results.json", results)
