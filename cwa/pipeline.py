@@ -39,6 +39,7 @@ from cwa.stages import (
     perturb_stage,
     rank_stage,
     score_stage,
+    stability_stage,
     write_topk_csv,
 )
 
@@ -183,11 +184,9 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> Path:
 
     stab_paths: dict[int, Path] = {}
     if stability:
-        from cwa.stability import stability_stage
-
         for k in cfg.topk:
             r = stability_stage(
-                [scores_paths[s] for s in cfg.seeds], topk=k, rank_by=cfg.rank_by,
+                [scores_paths[s] for s in cfg.seeds], topk=k, rank_by=cfg.rank_by, mode=cfg.mode,
                 output=art / f"stability{_ksuf(cfg, k)}.h5", force=cfg.force,
             )
             stab_paths[k] = record("stability", None, k, r).path

@@ -278,7 +278,7 @@ def _provenance(sc) -> dict[str, Any]:
 
 
 def _hist_arrays(hist: dict[str, Any]) -> dict[str, Any]:
-    return {f"stats/{k}": v for k, v in hist.items()}
+    return {f"stats/{k}": v for k, v in hist.items() if v is not None}
 
 
 def layer_of(name: str) -> str:
@@ -515,6 +515,7 @@ def perturb_stage(
         "baseline": {k: base.metrics[k] for k in ("nll", "perplexity", "token_accuracy", "bits_per_byte", "n_tokens")},
         "conditions": conditions,
         "summary": summary,
+        "metric": sels[0][1].metric,
         "model": lm.name,
         "model_fingerprint": lm.fingerprint,
         "eval_data": ev.source,
@@ -596,3 +597,70 @@ def eval_stage(
     }
     A.write_json(out, doc)
     return _done(out, fp, False, t0, metrics=res.metrics)
+
+
+# --------------------------------------------------------------------------- stability
+
+
+def stability_stage(
+    inputs: list[Path],
+    *,
+    topk: int | None,
+    rank_by: str | None = None,
+    mode: str | None = None,
+    output: Path | None = None,
+    json_path: Path | None = None,
+    force: bool = False,
+) -> StageResult:
+    """Compare the top-K sets of several scores (or selection) artifacts of one model.
+
+    Writes a `stability/1` HDF5 artifact (matrices as datasets, the JSON document as its
+    doc) and, with `json_path`, `stability_results.json`. `topk` is required for scores and
+    must be None or equal to the selections' K for selections; `mode` defaults to global
+    for scores and to the selections' mode for selections. The result's `extra` holds
+    `mean_jaccard`, `random_jaccard` and `mean_spearman`.
+    """
+    from cwa import stability as S
+
+    t0 = time.perf_counter()
+    plan = S.plan([Path(p) for p in inputs], topk=topk, mode=mode, rank_by=rank_by)
+    fp = A.stage_fingerprint(
+        "stability",
+        inputs=plan.fingerprints,
+        labels=[str(x) for x in plan.labels],
+        k=plan.k,
+        mode=plan.mode,
+        rank_by=plan.rank_by,
+        version=S.ANALYSIS_VERSION,
+    )
+    out = A.resolve_output(output, "stability", fp, ".h5")
+    if not force and A.cached(out, fp, A.h5_fingerprint_of):
+        doc = A.read_h5(out).doc
+        if json_path is not None:  # cheap, and never leaves a stale JSON beside a cache hit
+            A.write_json(json_path, doc)
+        return _result(out, fp, True, t0, doc)
+    res = S.analyze(plan)
+    attrs = {
+        "fingerprint": fp,
+        "k": plan.k,
+        "mode": plan.mode,
+        "rank_by": plan.rank_by,
+        "kind": plan.kind,
+        "input": plan.input_kind,
+        "metric": res.doc.get("metric") or "",
+        "model_fingerprint": plan.model_fingerprint,
+        "provenance": {
+            "inputs": [str(i.path) for i in plan.inputs],
+            "fingerprints": plan.fingerprints,
+        },
+    }
+    A.write_h5(out, A.STABILITY_SCHEMA, attrs, res.arrays, doc=res.doc)
+    if json_path is not None:
+        A.write_json(json_path, res.doc)
+    return _result(out, fp, False, t0, res.doc)
+
+
+def _result(out: Path, fp: str, cached: bool, t0: float, doc) -> StageResult:
+    doc = doc or {}
+    extra = {k: doc.get(k) for k in ("mean_jaccard", "random_jaccard", "mean_spearman")}
+    return StageResult(Path(out), fp, cached, time.perf_counter() - t0, extra)
