@@ -36,6 +36,8 @@ SELECTION_SCHEMA = "selection/1"
 PERTURBATION_SCHEMA = "perturbation/1"
 STABILITY_SCHEMA = "stability/1"
 
+_SCORE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # safetensors names
+
 _USERBLOCK = 512
 _MAGIC = b"CWA-H5-SHA256\n"
 
@@ -109,11 +111,18 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are ordinary files
         os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -179,18 +188,98 @@ def write_scores(
 def _tensor_sha(t) -> str:
     import torch
 
-    b = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return hashlib.sha256(b).hexdigest()
+    if not t.numel():
+        return hashlib.sha256(b"").hexdigest()
+    # hash the bytes in place (a uint8 view), never a copy of a possibly huge tensor
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+# safetensors dtype names -> torch dtype names (scores are float32, bfloat16 or float16)
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_READ_BLOCK = 64 << 20  # bytes per read() call
+# Largest piece `chunks()` yields. Measured on 0.44e9 float32 scores (benchmarks/RESULTS.md):
+# 4M-entry pieces (16 MB) rank 2x faster than 16M-entry ones (cache-sized temporaries)
+# and keep the consumer's temporaries small.
+PIECE_ELEMS = 1 << 22
+# RSS growth over the start of a `chunks()` stream after which freed heap memory is
+# handed back to the OS (see `_ReleaseFreedHeap`).
+TRIM_BUDGET_BYTES = 128 << 20
+
+
+class _ReleaseFreedHeap:
+    """Hand freed heap memory back to the OS once the RSS has grown past a budget.
+
+    A consumer of `chunks()` allocates and frees temporaries of a chunk's size over and
+    over. glibc serves blocks under its (self-raising, up to 32 MB) mmap threshold from
+    the heap, and small long-lived objects allocated in between pin the freed space, so
+    the resident set creeps up by megabytes per chunk although live memory stays flat
+    (measured: 260 MB -> 700 MB over 100 chunks of a ranking pass). `malloc_trim(0)`
+    returns those free pages. It is called only when the RSS has grown by
+    `TRIM_BUDGET_BYTES` over the RSS after the previous trim (process-wide, so the floor
+    does not ratchet up from one tensor's stream to the next); memory the process really
+    keeps raises the floor after one trim. A no-op where glibc is not the allocator.
+    """
+
+    trim = None
+    page = 4096
+    floor: int | None = None
+
+    @classmethod
+    def _init(cls) -> None:
+        cls.trim = False
+        if not os.path.exists("/proc/self/statm"):
+            return
+        try:
+            import ctypes
+
+            cls.trim = ctypes.CDLL("libc.so.6").malloc_trim
+            cls.page = os.sysconf("SC_PAGE_SIZE")
+        except (OSError, AttributeError, ValueError):
+            cls.trim = False
+
+    @classmethod
+    def _rss(cls) -> int | None:
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * cls.page
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.trim is None:
+            cls._init()
+        if not cls.trim:
+            return
+        rss = cls._rss()
+        if rss is None:
+            return
+        if cls.floor is None or rss < cls.floor:
+            cls.floor = rss
+        elif rss - cls.floor > TRIM_BUDGET_BYTES:
+            cls.trim(0)
+            cls.floor = cls._rss() or rss
 
 
 @dataclass
 class ScoresFile:
-    """A scores artifact opened lazily: `names` in param order, one tensor at a time."""
+    """A scores artifact opened lazily: `names` in param order, one tensor at a time.
+
+    Tensors are read with explicit file reads at the offsets of the safetensors header
+    into freshly allocated buffers, never through a memory map: pages of a mapped file
+    that have been touched count in the process's resident set until it is unmapped, so
+    streaming a 4 GB file through a map looks like a 4 GB process. `chunks()` therefore
+    holds one chunk at a time, and `get()` exactly one tensor.
+    """
 
     path: Path
     meta: dict[str, str]
     names: list[str]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # name -> (safetensors dtype, first byte, end byte) in the file; empty: use safe_open
+    layout: dict[str, tuple[str, int, int]] = field(default_factory=dict, repr=False)
+    _verified: set[str] = field(default_factory=set, repr=False)
+    _hashes: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def metric(self) -> str:
@@ -222,8 +311,57 @@ class ScoresFile:
             n *= s
         return n
 
+    def _hash_of(self, name: str) -> str | None:
+        if self._hashes is None:
+            h = self.json_meta("cwa.sha256") or {}
+            self._hashes = h if isinstance(h, dict) else {}
+        return self._hashes.get(name)
+
+    def _check_hash(self, name: str, digest: str) -> None:
+        if digest != self._hash_of(name):
+            raise ArtifactError(
+                f"{self.path}: tensor {name!r} does not match its recorded SHA-256 "
+                "(file corrupted); recompute it with --force"
+            )
+        self._verified.add(name)
+
+    def _readable(self, name: str) -> bool:
+        return name in self.layout and self.layout[name][0] in _ST_DTYPES
+
+    def _read(self, f, name: str, start: int, count: int):
+        """`count` stored values of `name` from flat index `start`, in the stored dtype."""
+        import torch
+
+        st_dtype, begin, end = self.layout[name]
+        dtype = getattr(torch, _ST_DTYPES[st_dtype])
+        out = torch.empty(count, dtype=dtype)
+        buf = memoryview(out.view(torch.uint8).numpy())
+        item = out.element_size()
+        off = begin + start * item
+        if off + count * item > end:
+            raise ArtifactError(f"{self.path}: read past the end of tensor {name!r}")
+        f.seek(off)
+        got = 0
+        while got < len(buf):
+            n = f.readinto(buf[got : got + _READ_BLOCK])
+            if not n:
+                raise ArtifactError(f"{self.path}: tensor {name!r} is truncated")
+            got += n
+        return out
+
     def get(self, name: str, verify: bool = True):
         """The whole tensor as float32 (hash-verified when the file carries hashes)."""
+        import torch
+
+        if not self._readable(name):
+            return self._get_safe_open(name, verify)
+        with open(self.path, "rb", buffering=0) as f:
+            t = self._read(f, name, 0, self.numel(name))
+        if verify and name not in self._verified and self._hash_of(name) is not None:
+            self._check_hash(name, _tensor_sha(t))
+        return t.to(torch.float32).reshape(self.shapes[name])
+
+    def _get_safe_open(self, name: str, verify: bool):
         import torch
         from safetensors import safe_open
 
@@ -232,33 +370,42 @@ class ScoresFile:
                 t = f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types
             raise ArtifactError(f"{self.path}: cannot read tensor {name!r}: {e}") from None
-        if verify:
-            hashes = self.json_meta("cwa.sha256") or {}
-            if name in hashes and _tensor_sha(t) != hashes[name]:
-                raise ArtifactError(
-                    f"{self.path}: tensor {name!r} does not match its recorded SHA-256 "
-                    "(file corrupted); recompute it with --force"
-                )
+        if verify and self._hash_of(name) is not None:
+            self._check_hash(name, _tensor_sha(t))
         return t.to(torch.float32)
 
-    def chunks(self, name: str, chunk_elems: int = 1 << 24) -> Iterator[tuple[int, Any]]:
-        """Yield (flat_offset, float32 1-D tensor) pieces of a tensor, reading whole rows
-        at a time so that peak memory is about `chunk_elems` values (not verified)."""
-        import torch
-        from safetensors import safe_open
+    def chunks(
+        self, name: str, chunk_elems: int = 1 << 24, verify: bool = True
+    ) -> Iterator[tuple[int, Any]]:
+        """Yield (flat_offset, float32 1-D tensor) pieces of a tensor, at most `chunk_elems`
+        values each, so that peak memory is about one chunk whatever the tensor's size.
 
-        shape = self.shapes[name]
+        Pieces are at most `PIECE_ELEMS` values whatever `chunk_elems` asks (smaller
+        pieces are as exact and faster to process). Each piece is a new tensor (a consumer
+        may keep it). With `verify`, the SHA-256 of a tensor not yet verified is computed
+        along the way and checked after its last piece (an `ArtifactError` then ends the
+        iteration); later passes skip it.
+        """
+        import torch
+
         n = self.numel(name)
-        if len(shape) <= 1 or n <= chunk_elems:
-            yield 0, self.get(name).reshape(-1)
+        step = max(1, min(int(chunk_elems), PIECE_ELEMS))
+        if n <= step or not self._readable(name):
+            yield 0, self.get(name, verify=verify).reshape(-1)
             return
-        row = n // shape[0]
-        rows = max(1, chunk_elems // row)
-        with safe_open(str(self.path), framework="pt") as f:
-            sl = f.get_slice(name)
-            for r0 in range(0, shape[0], rows):
-                piece = sl[r0 : min(shape[0], r0 + rows)]
-                yield r0 * row, piece.to(torch.float32).reshape(-1)
+        h = None
+        if verify and name not in self._verified and self._hash_of(name) is not None:
+            h = hashlib.sha256()
+        with open(self.path, "rb", buffering=0) as f:
+            for start in range(0, n, step):
+                raw = self._read(f, name, start, min(step, n - start))
+                if h is not None:
+                    h.update(raw.view(torch.uint8).numpy())
+                yield start, raw.to(torch.float32)
+                del raw
+                _ReleaseFreedHeap.check()  # the consumer is done with the piece
+        if h is not None:
+            self._check_hash(name, h.hexdigest())
 
 
 def _read_safetensors_header(path: Path) -> dict:
@@ -297,6 +444,8 @@ def open_scores(path: str | os.PathLike) -> ScoresFile:
     _check_exists(path)
     header = _read_safetensors_header(path)
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ArtifactError(f"{path}: not a safetensors file (metadata must map strings to strings)")
     if meta.get("cwa.schema") != SCORES_SCHEMA:
         got = meta.get("cwa.schema", "no cwa schema")
         raise ArtifactError(f"{path}: expected a scores artifact ({SCORES_SCHEMA}), found {got}")
@@ -304,9 +453,26 @@ def open_scores(path: str | os.PathLike) -> ScoresFile:
         order = json.loads(meta["cwa.param_order"])
     except (KeyError, json.JSONDecodeError):
         raise ArtifactError(f"{path}: scores artifact without a valid cwa.param_order") from None
+    if not isinstance(order, list) or not all(isinstance(n, str) for n in order) or len(set(order)) != len(order):
+        raise ArtifactError(f"{path}: scores artifact without a valid cwa.param_order")
     keys = {k for k in header if k != "__metadata__"}
     if set(order) != keys:
         raise ArtifactError(f"{path}: cwa.param_order does not match the stored tensors")
+    # The per-tensor SHA-256 covers the bytes only: a header that relabels them (F32 read
+    # as I32) would pass it, so the stored dtype must be the one the metadata declares.
+    want = _SCORE_DTYPES.get(meta.get("cwa.score_dtype", "float32"))
+    for k in order:
+        if not isinstance(header[k], dict) or header[k].get("dtype") != want:
+            raise ArtifactError(
+                f"{path}: tensor {k!r} is not stored as {meta.get('cwa.score_dtype', 'float32')} "
+                "as its metadata says (file corrupted); recompute it with --force"
+            )
+    try:
+        hashes = json.loads(meta.get("cwa.sha256", "{}"))
+    except json.JSONDecodeError:
+        hashes = None
+    if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+        raise ArtifactError(f"{path}: scores artifact with a malformed cwa.sha256")
     try:
         from safetensors import safe_open
 
@@ -315,7 +481,13 @@ def open_scores(path: str | os.PathLike) -> ScoresFile:
     except Exception as e:
         raise ArtifactError(f"{path}: invalid safetensors file: {e}") from None
     shapes = {k: tuple(int(s) for s in header[k]["shape"]) for k in order}
-    return ScoresFile(path=path, meta=dict(meta), names=list(order), shapes=shapes)
+    with open(path, "rb") as f:
+        base = 8 + int.from_bytes(f.read(8), "little")
+    layout = {}
+    for k in order:
+        a, b = header[k]["data_offsets"]
+        layout[k] = (str(header[k].get("dtype", "")), base + int(a), base + int(b))
+    return ScoresFile(path=path, meta=dict(meta), names=list(order), shapes=shapes, layout=layout)
 
 
 # --------------------------------------------------------------------------- HDF5
@@ -492,20 +664,14 @@ def write_selection(
 
 def read_selection(path: str | os.PathLike):
     """Read a selection artifact: returns (Selection, H5Artifact)."""
-    from cwa.ranking import Draw, Selection
+    from cwa.ranking import Selection
 
     art = read_h5(path, SELECTION_SCHEMA)
     a = art.attrs
     try:
         n = int(a["n_draws"])
-        draws = [
-            Draw(
-                param_index=art.arrays[f"draws/{d}/param_index"],
-                flat_index=art.arrays[f"draws/{d}/flat_index"],
-                score=art.arrays[f"draws/{d}/score"],
-            )
-            for d in range(n)
-        ]
+        params = [str(p) for p in art.arrays["params"]]
+        draws = [_read_draw(art, d, len(params)) for d in range(n)]
         sel = Selection(
             kind=str(a["kind"]),
             k=int(a["k"]),
@@ -514,21 +680,47 @@ def read_selection(path: str | os.PathLike):
             rank_by=str(a["rank_by"]),
             seed=int(a["seed"]),
             ties_at_k=int(a["ties_at_k"]),
-            params=[str(p) for p in art.arrays["params"]],
+            params=params,
             draws=draws,
             info=json.loads(a.get("info", "{}")),
         )
+        if n < 1 or sel.k < 1 or sel.mode not in ("global", "per_layer") or len(set(params)) != len(params):
+            raise ValueError("bad n_draws, k, mode or params")
+        if not isinstance(sel.info, dict):
+            raise ValueError("bad info")
     except (KeyError, ValueError, TypeError) as e:
         raise ArtifactError(f"{art.path}: malformed selection artifact ({e})") from None
     return sel, art
 
 
+def _read_draw(art: H5Artifact, d: int, n_params: int):
+    """Draw d of a selection, checked: 1-D integer indices of one length, parameter
+    indices in range, flat indices non-negative, no entry twice (ValueError otherwise).
+    Bounds inside each tensor are checked where its shape is known (perturb, control)."""
+    import numpy as np
+
+    from cwa.ranking import Draw
+
+    pi, fi, sc = (np.asarray(art.arrays[f"draws/{d}/{k}"]) for k in ("param_index", "flat_index", "score"))
+    if pi.ndim != 1 or fi.ndim != 1 or sc.ndim != 1 or pi.dtype.kind not in "iu" or fi.dtype.kind not in "iu":
+        raise ValueError(f"draw {d}: indices are not 1-D integer arrays")
+    if sc.dtype.kind != "f":
+        raise ValueError(f"draw {d}: scores are not floating point")
+    if len(pi) and (pi.min() < 0 or pi.max() >= n_params or fi.min() < 0 or fi.max() >= 1 << 40):
+        raise ValueError(f"draw {d}: index out of range")
+    if len(pi) and len(np.unique((pi.astype(np.int64) << 40) | fi.astype(np.int64))) != len(pi):
+        raise ValueError(f"draw {d}: lists an entry twice")
+    return Draw(param_index=pi, flat_index=fi, score=sc)
+
+
 def provenance(art: H5Artifact) -> dict[str, Any]:
+    """The provenance attribute as a dict ({} when absent or not a JSON object)."""
     p = art.attrs.get("provenance", "{}")
     try:
-        return json.loads(p) if isinstance(p, str) else dict(p)
+        p = json.loads(p) if isinstance(p, str) else p
     except json.JSONDecodeError:
         return {}
+    return p if isinstance(p, dict) else {}
 
 
 # --------------------------------------------------------------------------- cache

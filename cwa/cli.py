@@ -85,6 +85,9 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised by a subprocess 
     raise Terminated()
 
 
+_INTERRUPTED = "error: interrupted; no partial artifact was left"
+
+
 def main(argv: list[str] | None = None) -> None:
     from cwa.errors import CwaError
 
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc:
+            if rc == 130:  # typer turns KeyboardInterrupt into Exit(130) before we see it
+                print(_INTERRUPTED, file=sys.stderr)
             sys.exit(rc)
     except CwaError as e:
         if debug:
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, Terminated):
-        print("error: interrupted; no partial artifact was left", file=sys.stderr)
+        print(_INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -108,15 +113,44 @@ def main(argv: list[str] | None = None) -> None:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+        if isinstance(e, _parse_errors()):
+            _show_parse_error(e)
             sys.exit(e.exit_code)
         if debug:
             raise
         print(f"error: {type(e).__name__}: {e} (set CWA_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _parse_errors() -> tuple[type[Exception], ...]:
+    """The command-line parser's error classes: click's, and the copy of click that typer
+    vendors since 0.2x (`typer._click`, whose errors derive from `TyperException`, not
+    from click's), so a bad flag value is a usage error with either."""
+    types: list[type[Exception]] = []
+    try:
+        from typer.exceptions import TyperException
+
+        types.append(TyperException)
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        pass
+    try:
+        import click
+
+        types.append(click.exceptions.ClickException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _show_parse_error(e: Exception) -> None:
+    """One stderr line for a parser error ("Invalid value for '--topk' / '-k': ..."),
+    naming the command's help as the fix; `cwa` alone has already printed the help."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        return
+    msg = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+    print(f"error: {msg}{hint}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

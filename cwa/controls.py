@@ -58,6 +58,7 @@ from cwa.ranking import (
     iter_chunks,
     log_edges_f32,
     population_sizes,
+    source_chunks,
 )
 from cwa.registry import Registry
 
@@ -140,10 +141,15 @@ def _gather_scores(scores, names: list[str], parts: list[tuple[np.ndarray, np.nd
         for p, a, b in _segments(pi):
             by_param.setdefault(p, []).append((d, a, b))
     for p in sorted(by_param):
-        flat = scores.get(names[p]).reshape(-1)
-        for d, a, b in by_param[p]:
-            idx = torch.from_numpy(np.ascontiguousarray(parts[d][1][a:b]))
-            out[d][a:b] = flat[idx].float().numpy()
+        # chunk by chunk: a tensor larger than memory is never read whole
+        for start, chunk in source_chunks(scores, names[p], DEFAULT_CHUNK_ELEMS):
+            stop = start + chunk.numel()
+            for d, a, b in by_param[p]:
+                fi = parts[d][1][a:b]  # sorted flat indices of this tensor
+                lo, hi = np.searchsorted(fi, [start, stop])
+                if hi > lo:
+                    idx = torch.from_numpy(np.ascontiguousarray(fi[lo:hi] - start))
+                    out[d][a + lo : a + hi] = chunk[idx].float().numpy()
     return out
 
 

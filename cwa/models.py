@@ -137,6 +137,7 @@ def load_model(
     if model is None or model in ("embedded", "cwa-embedded-gpt2"):
         from cwa import assets
 
+        assets.verify_model()  # the committed files, checked against their SHA-256
         path, source, name = embedded_dir(), "embedded", assets.EMBEDDED_MODEL_NAME
         load_from, tok_kwargs = str(path), {}
     elif model.endswith(".gguf"):
@@ -155,7 +156,14 @@ def load_model(
         path, source, name = Path(model), "local", model
         if not path.is_dir():
             raise CwaError(f"--model {model}: expected a model directory (HF format) or a .gguf file")
+        if not (path / "config.json").is_file():
+            raise CwaError(
+                f"--model {model}: not a model directory (no config.json); pass a directory "
+                "saved with save_pretrained, a hub id or a .gguf file"
+            )
         load_from, tok_kwargs = str(path), {}
+    elif _looks_like_path(model):
+        raise CwaError(f"--model {model}: cannot load it (no such directory)")
     else:
         path, source, name = None, "hub", model
         load_from, tok_kwargs = model, {}
@@ -170,13 +178,13 @@ def load_model(
             tok = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code, **tok_kwargs)
         cfg_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "gguf_file", "trust_remote_code")}
         config = AutoConfig.from_pretrained(load_from, **cfg_kwargs)
-    except (OSError, ValueError, ImportError, KeyError, RuntimeError) as e:
+    except Exception as e:  # the loaders raise many types (OSError, ValueError, SafetensorError, ...)
         raise CwaError(_load_error(model, source, e)) from None
 
     def loader():
         try:
             m = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
-        except (OSError, ValueError, ImportError, KeyError, RuntimeError) as e:
+        except Exception as e:  # SafetensorError, UnpicklingError (refused .bin pickles), ...
             raise CwaError(_load_error(model, source, e)) from None
         if not device_map:
             m.to(dev)
@@ -221,8 +229,20 @@ def _gguf_tokenizer(p: Path, trust_remote_code: bool):
         return load(d)
 
 
+def _looks_like_path(model: str) -> bool:
+    """A --model value that can only be a filesystem path (hub ids are NAME or ORG/NAME)."""
+    return model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or "\\" in model
+
+
 def _load_error(model: str | None, source: str, e: Exception) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "custom code" in msg or "trust_remote_code" in msg:
+        return (
+            f"--model {model}: its code would have to run to load it; pass --trust-remote-code "
+            "only if you trust its source"
+        )
+    if "Weights only load failed" in msg:  # torch.load(weights_only=True) refused a pickle
+        msg = "its .bin checkpoint holds pickled objects that are not plain tensors; cwa never unpickles them"
     if source == "hub":
         return (
             f"--model {model}: cannot load it ({msg[:200]}); it is not available offline — "
@@ -292,14 +312,29 @@ def model_fingerprint(model, checkpoint_dir: Path | None = None, revision: str |
 
 
 def _hash_safetensors_sample(path: Path, h) -> None:
+    try:
+        _hash_header_and_sample(path, h)
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError, UnicodeDecodeError included
+        raise CwaError(
+            f"--model: {path} is not a valid safetensors file; the checkpoint is corrupt or "
+            "incomplete (download or save it again)"
+        ) from None
+
+
+def _hash_header_and_sample(path: Path, h) -> None:
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= file_size - 8:  # never read a length taken from a corrupt file
+            raise ValueError("bad header length")
         header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("bad header")
         base = 8 + n
         for name in sorted(k for k in header if k != "__metadata__"):
             info = header[name]
             h.update(f"{name}|{tuple(info['shape'])}|{info['dtype']}\n".encode())
-            a, b = info["data_offsets"]
+            a, b = (int(x) for x in info["data_offsets"])
             size = b - a
             if size <= 0:
                 continue

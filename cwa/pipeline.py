@@ -33,6 +33,9 @@ from cwa.console import log
 from cwa.errors import UsageError
 from cwa.stages import (
     DataOptions,
+    _check_mode,
+    _check_rank_by,
+    check_perturb_options,
     ModelOptions,
     StageResult,
     control_stage,
@@ -115,18 +118,18 @@ def _ksuf(cfg: RunConfig, k: int) -> str:
 def run(cfg: RunConfig, argv: list[str] | None = None) -> Path:
     """Run the whole experiment; returns the output directory."""
     from cwa.metrics import METRICS
-    from cwa.perturb import PERTURBATIONS
 
     started = A.now_iso()
     t_start = time.perf_counter()
     cfg.metric = METRICS.resolve(cfg.metric)
+    # Every value is checked before any work, so a typo never costs a scoring pass.
     if cfg.perturb != "none":
-        cfg.perturb = PERTURBATIONS.resolve(cfg.perturb)
+        cfg.perturb, _, _ = check_perturb_options(cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, cfg.bit)
     for k in cfg.topk:
         if k <= 0:
             raise UsageError(f"--topk {k}: K must be a positive integer")
-    if cfg.mode not in ("global", "per_layer"):
-        raise UsageError(f"--mode {cfg.mode!r}: choose global or per_layer")
+    _check_mode(cfg.mode)
+    _check_rank_by(cfg.rank_by)
     if cfg.control_draws <= 0:
         raise UsageError(f"--control-draws {cfg.control_draws}: must be a positive integer")
     cfg.data.validate()

@@ -204,13 +204,12 @@ def _load(paths: Iterable[Path]) -> _Loaded:
 
 
 def _read_sel(path: Path, art: A.H5Artifact) -> _Sel:
+    # The validating reader: a damaged selection is an ArtifactError, never a crash here.
+    sel_obj, _ = A.read_selection(path)
     a = art.attrs
     arrays = art.arrays
-    try:
-        params = [str(x) for x in arrays["params"]]
-        pidx = np.asarray(arrays["draws/0/param_index"], dtype=np.int64)
-    except KeyError as e:
-        raise ArtifactError(f"{path}: malformed selection artifact (no {e})") from None
+    params = list(sel_obj.params)
+    counts = sel_obj.draws[0].counts(len(params)) if sel_obj.draws else np.zeros(len(params), np.int64)
     prov = A.provenance(art)
     seed = prov.get("scores_seed", a.get("seed", 0))
     try:
@@ -219,7 +218,13 @@ def _read_sel(path: Path, art: A.H5Artifact) -> _Sel:
         seed = int(a.get("seed", 0) or 0)
     hist = None
     edges = arrays.get("stats/edges")
-    if edges is not None and np.asarray(edges).dtype.kind == "f" and "stats/counts" in arrays:
+    if (
+        edges is not None
+        and np.asarray(edges).dtype.kind == "f"
+        and "stats/counts" in arrays
+        and np.asarray(arrays["stats/counts"]).shape
+        == (len(arrays.get("stats/params", params)), len(np.asarray(edges)) - 1)
+    ):
         hist = {
             "edges": np.asarray(edges, dtype=np.float64),
             "counts": np.asarray(arrays["stats/counts"], dtype=np.float64),
@@ -241,12 +246,12 @@ def _read_sel(path: Path, art: A.H5Artifact) -> _Sel:
         path=path,
         fingerprint=art.fingerprint,
         metric=str(a.get("metric") or prov.get("metric") or "unknown"),
-        k=int(a.get("k", 0)),
-        mode=str(a.get("mode", "global")),
-        rank_by=str(a.get("rank_by", "abs")),
+        k=int(sel_obj.k),
+        mode=str(sel_obj.mode),
+        rank_by=str(sel_obj.rank_by),
         seed=seed,
         params=params,
-        counts=np.bincount(pidx, minlength=len(params)).astype(np.int64),
+        counts=np.asarray(counts, dtype=np.int64),
         stats=stats if isinstance(stats, dict) else None,
         hist=hist,
         kth_key=_fnum(kth) if kth is not None else None,

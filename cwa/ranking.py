@@ -144,6 +144,17 @@ def iter_chunks(tensor: torch.Tensor, chunk_elems: int) -> Iterator[tuple[int, t
         yield start, flat[start : start + step]
 
 
+def source_chunks(scores, name: str, chunk_elems: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, flat piece) of one score tensor: through the source's own ``chunks()``
+    when it has one (a scores file reads piece by piece, so a tensor larger than memory
+    still streams), else by slicing ``get()``."""
+    chunks = getattr(scores, "chunks", None)
+    if chunks is not None:
+        yield from chunks(name, chunk_elems)
+    else:
+        yield from iter_chunks(scores.get(name), chunk_elems)
+
+
 def _check_args(k: int, mode: str, rank_by: str) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise UsageError(f"K must be a positive integer, got {k!r}.")
@@ -246,8 +257,7 @@ class _TopKStream:
 
 def _scan_tensor(scores, name: str, chunk_elems: int):
     """Yield (start, float32 flat chunk) of one score tensor, raising on NaN."""
-    t = scores.get(name)
-    for start, chunk in iter_chunks(t, chunk_elems):
+    for start, chunk in source_chunks(scores, name, chunk_elems):
         chunk = chunk.float()
         if bool(torch.isnan(chunk).any()):
             n_nan = int(torch.isnan(chunk).sum())
@@ -478,7 +488,7 @@ def sensitivity_stats(
     names = list(scores.names)
 
     def finite_chunks(name: str):
-        for _, chunk in iter_chunks(scores.get(name), chunk_elems):
+        for _, chunk in source_chunks(scores, name, chunk_elems):
             x = chunk.float()
             if not bool(torch.isfinite(x).all()):
                 finite = torch.isfinite(x)

@@ -42,10 +42,9 @@ class Registry(Generic[T]):
         if key in self._aliases:
             return self._aliases[key]
         choices = sorted(self._items) + sorted(self._aliases)
-        close = difflib.get_close_matches(key, choices, n=3, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise UsageError(
-            f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(sorted(self._items))}."
+            f"Unknown {self.kind} {name!r}.{did_you_mean(key, choices, n=3)} "
+            f"Available: {', '.join(sorted(self._items))}."
         )
 
     def get(self, name: str) -> T:
@@ -59,3 +58,17 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
+
+
+def did_you_mean(value: str, choices: list[str] | tuple[str, ...], n: int = 1) -> str:
+    """" Did you mean: x?" for the closest choices, or "" when none is close."""
+    close = difflib.get_close_matches(value, list(choices), n=n, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
+    """`value` when it is one of `choices`, else a UsageError naming the flag, the
+    choices and the closest one (for options that are a fixed set, not a registry)."""
+    if value in choices:
+        return value
+    raise UsageError(f"{flag} {value!r}: choose {' or '.join(choices)}.{did_you_mean(value, choices)}")

@@ -252,16 +252,15 @@ def _check_k(k: int) -> int:
 
 
 def _check_mode(mode: str) -> str:
-    if mode not in ("global", "per_layer"):
-        raise UsageError(f"--mode {mode!r}: choose global or per_layer")
-    return mode
+    from cwa.registry import check_choice
+
+    return check_choice("--mode", mode, ("global", "per_layer"))
 
 
 def _check_rank_by(rank_by: str | None) -> str:
-    rank_by = rank_by or "abs"
-    if rank_by not in ("abs", "value"):
-        raise UsageError(f"--rank-by {rank_by!r}: choose abs or value")
-    return rank_by
+    from cwa.registry import check_choice
+
+    return check_choice("--rank-by", rank_by or "abs", ("abs", "value"))
 
 
 # --------------------------------------------------------------------------- math

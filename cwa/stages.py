@@ -18,6 +18,7 @@ from cwa import __version__
 from cwa import artifacts as A
 from cwa.console import log, progress
 from cwa.errors import ArtifactError, UsageError
+from cwa.registry import check_choice
 
 
 @dataclass
@@ -105,6 +106,23 @@ def _named_params(model) -> dict[str, Any]:
     return dict(model.named_parameters())
 
 
+def _check_fits(sel, art, sizes: dict[str, int], what: str) -> None:
+    """Every selected entry exists in its tensor: a selection that is corrupt (but sealed)
+    or made for other parameters is refused here, not deep inside a perturbation."""
+    import numpy as np
+
+    missing = [n for n in sel.params if n not in sizes]
+    if missing:
+        raise ArtifactError(f"{art.path}: names parameter {missing[0]!r} that {what} does not have")
+    numel = np.array([sizes[n] for n in sel.params], dtype=np.int64)
+    for d, draw in enumerate(sel.draws):
+        if len(draw.flat_index) and bool((draw.flat_index >= numel[draw.param_index]).any()):
+            raise ArtifactError(
+                f"{art.path}: draw {d} selects entries past the end of their tensors in {what} "
+                "(file corrupted, or made for other parameters)"
+            )
+
+
 # --------------------------------------------------------------------------- score
 
 
@@ -122,10 +140,25 @@ def score_stage(
     score_dtype: str = "float32",
     output: Path | None = None,
     force: bool = False,
+    grad_checkpointing: bool = False,
+    dist=None,
 ) -> StageResult:
+    """Score every selected weight; write the scores artifact (see `cwa.metrics`).
+
+    `dist` (a `cwa.distributed.Dist`, e.g. from `cwa.distributed.session()` under
+    torchrun): each rank scores its shard of the calibration windows and the
+    accumulators are all-reduced; rank 0 decides the cache hit for everyone, writes the
+    artifact and logs; the other ranks wait for it and return the same path without
+    writing. `grad_checkpointing` trades one more forward pass for activation memory;
+    like the batch size it does not change the result and is not in the fingerprint.
+    """
+    import contextlib
+
+    from cwa.distributed import Dist
     from cwa.metrics import METRICS, MetricOptions, compute_scores, select_params
 
     t0 = time.perf_counter()
+    dist = dist if dist is not None else Dist()
     name = METRICS.resolve(metric)
     cls = METRICS.get(name)
     if obd and not getattr(cls, "curvature", False):
@@ -167,18 +200,33 @@ def score_stage(
         options=opts,
     )
     out = A.resolve_output(output, "scores", fp, ".safetensors")
-    if not force and A.cached(out, fp, A.scores_fingerprint_of):
+    hit = not force and dist.is_main and A.cached(out, fp, A.scores_fingerprint_of)
+    if dist.broadcast_flag(hit):  # every rank takes rank 0's branch
         return _done(out, fp, True, t0)
     model = lm.model
     params = select_params(model, include, exclude)
     mopts = MetricOptions(seed=seed, mc_samples=mc_samples, hutchinson_samples=hutchinson_samples, obd=obd)
+    run = {"batch_size": data.batch_size, "dist": dist if dist.enabled else None,
+           "grad_checkpointing": grad_checkpointing}
     if calib is not None:
-        with progress(f"score {name}", len(calib)) as adv:
+        mine = len(dist.shard(len(calib))) if dist.enabled else len(calib)
+        quiet = contextlib.nullcontext(lambda n: None)  # only rank 0 draws a progress bar
+        bar = progress(f"score {name}", mine) if dist.is_main else quiet
+        with bar as adv:
+            done = [0]
+
+            def advance(n_done: int) -> None:  # compute_scores reports a running total
+                adv(n_done - done[0])
+                done[0] = n_done
+
             scores, notes = compute_scores(
-                model, params, calib.ids, calib.indices, name, mopts, batch_size=data.batch_size, progress=adv
+                model, params, calib.ids, calib.indices, name, mopts, progress=advance, **run
             )
     else:
-        scores, notes = compute_scores(model, params, None, [], name, mopts, batch_size=data.batch_size)
+        scores, notes = compute_scores(model, params, None, [], name, mopts, **run)
+    if not dist.is_main:
+        dist.barrier()  # returns once rank 0 has written the artifact
+        return _done(out, fp, False, t0, rank=dist.rank)
     for n in notes:
         log(f"note: {n}")
     meta = {
@@ -192,9 +240,13 @@ def score_stage(
         "cwa.n_windows": str(len(calib) if calib is not None else 0),
         "cwa.seq_len": str(calib.seq_len if calib is not None else 0),
         "cwa.windows": json.dumps(calib.indices if calib is not None else []),
+        "cwa.world_size": str(dist.world_size if dist.enabled else 1),
         "cwa.options": json.dumps({**opts, "signed": bool(getattr(cls, "signed", False)), "notes": notes}),
     }
-    A.write_scores(out, scores, meta, dtype=score_dtype)
+    try:
+        A.write_scores(out, scores, meta, dtype=score_dtype)
+    finally:
+        dist.barrier()
     return _done(out, fp, False, t0)
 
 
@@ -248,15 +300,11 @@ def rank_stage(
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in ("global", "per_layer"):
-        raise UsageError(f"--mode {mode!r}: choose global or per_layer")
+    check_choice("--mode", mode, ("global", "per_layer"))
 
 
 def _check_rank_by(rank_by: str | None) -> str:
-    rank_by = rank_by or "abs"
-    if rank_by not in ("abs", "value"):
-        raise UsageError(f"--rank-by {rank_by!r}: choose abs or value")
-    return rank_by
+    return check_choice("--rank-by", rank_by or "abs", ("abs", "value"))
 
 
 def _check_topk(topk: int) -> None:
@@ -347,6 +395,7 @@ def control_stage(
             raise UsageError(f"--ref {ref}: is a {ref_sel.kind} selection, expected a top-K selection")
         if A.provenance(ref_art).get("scores_fingerprint") not in (None, sc.fingerprint):
             raise ArtifactError(f"--ref {ref}: was ranked from other scores than {sc.path}")
+        _check_fits(ref_sel, ref_art, {n: sc.numel(n) for n in sc.names}, str(sc.path))
         ref_fp = ref_art.fingerprint
         topk, mode, rank_by = ref_sel.k, ref_sel.mode, ref_sel.rank_by
     else:
@@ -413,16 +462,10 @@ def perturb_stage(
     import numpy as np
 
     from cwa.evaluate import evaluate
-    from cwa.perturb import PERTURBATIONS, perturbed, summarize
+    from cwa.perturb import perturbed, summarize
 
     t0 = time.perf_counter()
-    method = PERTURBATIONS.resolve(method)
-    scale = default_scale(method, scale)
-    if scale is not None and scale < 0:
-        raise UsageError(f"--perturb-scale {scale}: must be non-negative")
-    if not 0.0 <= prob <= 1.0:
-        raise UsageError(f"--perturb-prob {prob}: must be a probability in [0, 1]")
-    bit = _check_bit(bit)
+    method, scale, bit = check_perturb_options(method, scale, prob, bit)
     if not selections:
         raise UsageError("cwa perturb needs at least one selection artifact")
     sels = []
@@ -450,6 +493,9 @@ def perturb_stage(
 
     model = lm.model
     named = _named_params(model)
+    sizes = {n: p.numel() for n, p in named.items()}
+    for _, sel, art in sels:  # before any evaluation (not on a cache hit: no model load)
+        _check_fits(sel, art, sizes, "the model")
     n_cond = sum(len(s.draws) for _, s, _ in sels)
     arrays: dict[str, Any] = {}
     conditions: list[dict[str, Any]] = []
@@ -535,6 +581,22 @@ def perturb_stage(
     if json_path is not None:
         A.write_json(json_path, doc)
     return _done(out, fp, False, t0)
+
+
+def check_perturb_options(method: str, scale: float | None, prob: float, bit: str):
+    """Validate the perturbation flags before any work (`cwa run` calls this up front, so
+    a bad value never costs a scoring pass); returns (method, scale, bit) resolved."""
+    import math
+
+    from cwa.perturb import PERTURBATIONS
+
+    method = PERTURBATIONS.resolve(method)
+    scale = default_scale(method, scale)
+    if scale is not None and not (math.isfinite(scale) and scale >= 0):
+        raise UsageError(f"--perturb-scale {scale}: must be a finite number >= 0")
+    if not 0.0 <= prob <= 1.0:
+        raise UsageError(f"--perturb-prob {prob}: must be a probability in [0, 1]")
+    return method, scale, _check_bit(bit)
 
 
 def default_scale(method: str, scale: float | None) -> float | None:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from cwa.console import emit, log, set_verbose
-from cwa.errors import UsageError
+from cwa.errors import ArtifactError, UsageError
 from cwa.stages import DataOptions, ModelOptions
 
 
@@ -21,8 +21,16 @@ def read_paths(args: list[str] | list[Path] | None, what: str = "artifact") -> l
                 raise UsageError(f"'-' given but no {what} path arrived on stdin")
             out.extend(got)
         else:
+            _check_not_unmatched_glob(str(a), what)
             out.append(Path(a))
     return out
+
+
+def _check_not_unmatched_glob(arg: str, what: str) -> None:
+    """A shell passes a pattern that matches nothing through unchanged: say so, before a
+    command complains about the number or kind of its inputs."""
+    if any(c in arg for c in "*?[") and not Path(arg).exists():
+        raise ArtifactError(f"{arg}: no {what} file matches this pattern; check the path")
 
 
 def one_path(arg: str | Path, what: str) -> Path:

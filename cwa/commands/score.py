@@ -30,6 +30,13 @@ def score_cmd(
     device: O.DeviceOpt = "auto",
     device_map: O.DeviceMapOpt = None,
     trust_remote_code: O.TrustOpt = False,
+    grad_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--grad-checkpointing/--no-grad-checkpointing",
+            help="Recompute block activations in the backward pass: less memory, ~1 more forward; same scores.",
+        ),
+    ] = False,
     output: O.OutputOpt = None,
     force: O.ForceOpt = False,
     verbose: O.VerboseOpt = False,
@@ -43,16 +50,25 @@ def score_cmd(
       cwa score --model gpt2 --metric hutchinson_diag --hutchinson-samples 16 -o hutch.safetensors
 
       cwa score --metric act_mag --include 'transformer.h.*' | cwa rank - --topk 100
+
+      torchrun --nproc-per-node 4 -m cwa score --model gpt2 --metric hutchinson_diag -o h.safetensors
     """
+    from cwa import distributed
     from cwa.metrics import METRICS
     from cwa.stages import score_stage
 
     name = METRICS.resolve(metric)
     second = bool(getattr(METRICS.get(name), "second_order", False))
-    lm = model_options(model, revision, dtype, device, device_map, trust_remote_code).load(second_order=second)
-    d = data_options(data, None, data_seed, calib_samples, 32, seq_len, batch_size)
-    r = score_stage(
-        lm, d, metric=name, seed=seed, mc_samples=mc_samples, hutchinson_samples=hutchinson_samples,
-        obd=obd, include=include, exclude=exclude, score_dtype=score_dtype, output=output, force=force,
-    )
-    report(r, verbose)
+    # Under torchrun each rank scores a shard of the windows; without it this is a no-op.
+    with distributed.session(device) as dist:
+        if dist.backend == "nccl" and not device_map and device in ("auto", "cuda"):
+            device = dist.device  # one GPU per rank: cuda:LOCAL_RANK
+        lm = model_options(model, revision, dtype, device, device_map, trust_remote_code).load(second_order=second)
+        d = data_options(data, None, data_seed, calib_samples, 32, seq_len, batch_size)
+        r = score_stage(
+            lm, d, metric=name, seed=seed, mc_samples=mc_samples, hutchinson_samples=hutchinson_samples,
+            obd=obd, include=include, exclude=exclude, score_dtype=score_dtype, output=output, force=force,
+            grad_checkpointing=grad_checkpointing, dist=dist,
+        )
+    if dist.is_main:  # one path on stdout, from rank 0 only
+        report(r, verbose)

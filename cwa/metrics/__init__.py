@@ -123,6 +123,74 @@ def scoring_mode(model, params: dict, needs_grad: bool):
         model.train(was_training)
 
 
+def _checkpoint_blocks(model) -> list:
+    """The modules to checkpoint: transformers' per-block `GradientCheckpointingLayer`s,
+    else the classes the model names in `_no_split_modules` (its transformer blocks)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer as layer_cls
+    except ImportError:  # pragma: no cover - older transformers
+        layer_cls = None
+    named = list(model.named_modules())
+    chosen = [(n, m) for n, m in named if layer_cls is not None and isinstance(m, layer_cls)]
+    if not chosen:
+        classes = set(getattr(model, "_no_split_modules", None) or [])
+        chosen = [(n, m) for n, m in named if type(m).__name__ in classes]
+    # outermost only: a block inside a checkpointed block is recomputed with it anyway
+    outer, prefixes = [], []
+    for n, m in chosen:
+        if not any(n.startswith(p + ".") for p in prefixes):
+            outer.append(m)
+            prefixes.append(n)
+    return outer
+
+
+@contextmanager
+def checkpointed_blocks(model, enabled: bool = True):
+    """Activation (gradient) checkpointing of every transformer block while scoring.
+
+    transformers' own switch (`gradient_checkpointing_enable`) only acts in training
+    mode, and scoring runs in eval mode (no dropout), so each block's `forward` is
+    wrapped here instead: with gradients enabled it runs under non-reentrant
+    `torch.utils.checkpoint`, which keeps only the block's inputs and recomputes its
+    activations when the backward pass needs them. Non-reentrant checkpointing supports
+    `torch.autograd.grad`, `retain_graph` and double backward (Hessian-vector products),
+    and without dropout the recomputation is exact, so the scores do not change. The
+    wrappers are removed on exit.
+    """
+    if not enabled:
+        yield
+        return
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = _checkpoint_blocks(model)
+    if not blocks:
+        raise UsageError(
+            f"--grad-checkpointing: no transformer blocks found in {type(model).__name__} "
+            "(neither transformers' GradientCheckpointingLayer nor _no_split_modules)."
+        )
+
+    def wrap(forward):
+        def checkpointed(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return checkpointed
+
+    wrapped = []
+    try:
+        for block in blocks:
+            if "forward" in vars(block):  # already wrapped by someone: leave it alone
+                continue
+            block.forward = wrap(block.forward)
+            wrapped.append(block)
+        yield
+    finally:
+        for block in wrapped:
+            del block.forward
+
+
 def compute_scores(
     model,
     params: dict,
@@ -132,14 +200,24 @@ def compute_scores(
     options: MetricOptions | None = None,
     batch_size: int = 8,
     progress: Callable[[int], object] | None = None,
+    *,
+    dist=None,
+    grad_checkpointing: bool = False,
 ) -> tuple[dict, list[str]]:
     """Score `params` of `model` on calibration windows `ids` `[N, T]`.
 
     `window_indices` are the windows' global indices (they seed the per-window label
     draws, so a window scores the same in any batch or shard). Returns
     `(scores, notes)`: float32 CPU tensors in `params` order (act_mag may leave some
-    out, explained in `notes`). `progress(n_done)` is called after each batch. Batch
-    size changes neither the definition nor, up to float summation order, the result.
+    out, explained in `notes`). `progress(n_done)` is called after each batch with the
+    number of windows this process has done so far. Batch size changes neither the
+    definition nor, up to float summation order, the result.
+
+    `dist` (a `cwa.distributed.Dist`): this process accumulates only its shard of the
+    windows (each still divided by the global N), then the accumulators are summed over
+    the ranks, so every rank returns the scores of all N windows. `grad_checkpointing`
+    recomputes each transformer block's activations during the backward pass instead
+    of keeping them (less memory, about one more forward; same result).
     """
     import torch
 
@@ -176,17 +254,38 @@ def compute_scores(
         if windows.numel() != n_total:
             raise UsageError(f"{windows.numel()} window indices for {n_total} calibration windows.")
 
+    offloaded = [n for n, p in params.items() if p.device.type == "meta"]
+    if offloaded:
+        raise UsageError(
+            f"{len(offloaded)} scored parameter(s) are offloaded (on the meta device), e.g. "
+            f"{offloaded[0]!r}: a score needs the weights and their gradients in memory. Give "
+            "the model more device or CPU memory (--device-map auto keeps what fits in GPU "
+            "memory and the rest on the CPU), or score fewer parameters with --include."
+        )
+
     scorer = cls(options)
-    with scoring_mode(model, params, needs_grad=cls.needs_grad):
+    checkpoint = grad_checkpointing and cls.needs_grad
+    with scoring_mode(model, params, needs_grad=cls.needs_grad), checkpointed_blocks(
+        model, checkpoint
+    ):
         try:
             scorer.begin(model, params)
             if cls.needs_data:
                 device = input_device(model)
-                for start in range(0, n_total, int(batch_size)):
-                    stop = min(start + int(batch_size), n_total)
-                    scorer.accumulate(ids[start:stop].to(device), windows[start:stop], n_total)
+                mine = (
+                    torch.arange(n_total, dtype=torch.long)
+                    if dist is None
+                    else torch.as_tensor(list(dist.shard(n_total)), dtype=torch.long)
+                )
+                done = 0
+                for start in range(0, mine.numel(), int(batch_size)):
+                    pos = mine[start : start + int(batch_size)]
+                    scorer.accumulate(ids[pos].to(device), windows[pos], n_total)
+                    done += pos.numel()
                     if progress is not None:
-                        progress(stop)
+                        progress(done)
+                if dist is not None:
+                    scorer.reduce(dist.all_reduce)
             scores = scorer.finish()
         finally:
             scorer.close()
