@@ -575,7 +575,7 @@ def plot_layer_comparison(sels: list[_Sel], path: Path) -> Path:
 def plot_sensitivity_heatmap(sel: _Sel, path: Path) -> Path | None:
     """Module type × block: top-K count, and mean |score| when the stats are stored."""
     import matplotlib
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm, Normalize
 
     blocks = sorted({b for b, _ in map(param_group, sel.params) if b is not None})
     if not blocks:
@@ -608,7 +608,9 @@ def plot_sensitivity_heatmap(sel: _Sel, path: Path) -> Path | None:
 
     with matplotlib.rc_context(_RC):
         fig, axes = _new_figure(2 if has_scores else 1, 1, sharex=True)
-        panels = [(axes[0][0], counts, "top-K weights", "viridis", None)]
+        # Counts start at 0 (an all-zero panel would otherwise get a -0.1..0.1 colour bar).
+        top = np.nanmax(counts) if np.isfinite(counts).any() else 0
+        panels = [(axes[0][0], counts, "top-K weights", "viridis", Normalize(0, max(1.0, top)))]
         if has_scores:
             pos = mean_abs[np.isfinite(mean_abs) & (mean_abs > 0)]
             norm = LogNorm(vmin=pos.min(), vmax=pos.max()) if pos.max() > 10 * pos.min() else None
