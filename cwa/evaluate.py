@@ -17,6 +17,7 @@ Non-finite logits give `inf`/`nan` metrics, never an exception.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -37,10 +38,8 @@ class BaselineCache:
     def close(self) -> None:
         self.logp = None
         if self._tmpfile:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._tmpfile)
-            except FileNotFoundError:
-                pass
             self._tmpfile = None
 
     def __del__(self) -> None:  # pragma: no cover - best effort

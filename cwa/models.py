@@ -121,7 +121,6 @@ def load_model(
     """Load model + tokenizer; one clear `CwaError` when it cannot be loaded."""
     import torch  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stderr carries cwa's own progress, not loader bars

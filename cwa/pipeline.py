@@ -18,6 +18,7 @@ Several seeds: `perturbation_results.json` holds the conditions of every seed; i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -33,11 +34,11 @@ from cwa.console import log
 from cwa.errors import UsageError
 from cwa.stages import (
     DataOptions,
+    ModelOptions,
+    StageResult,
     _check_mode,
     _check_rank_by,
     check_perturb_options,
-    ModelOptions,
-    StageResult,
     control_stage,
     perturb_stage,
     rank_stage,
@@ -361,10 +362,8 @@ def _hardware() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         hw["memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
     if torch.cuda.is_available():
         hw["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return hw

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,7 +109,7 @@ def test_plots_from_a_copied_directory(quick, tmp_path):
     paths = r.stdout.split()
     assert len(paths) >= 5
     for p in paths:
-        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_magnitude_is_identical_across_seeds(tmp_path):

@@ -15,8 +15,7 @@ from cwa import artifacts as A
 from cwa.errors import UsageError
 from cwa.plotting import param_group, plot_artifacts
 from cwa.ranking import Draw, Selection
-from cwa.stages import rank_stage
-from cwa.stages import stability_stage
+from cwa.stages import rank_stage, stability_stage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METRIC = "grad_x_weight"
