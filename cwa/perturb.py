@@ -223,7 +223,16 @@ def apply(
 
     pi = np.asarray(draw.param_index, dtype=np.int64)
     fi = np.asarray(draw.flat_index, dtype=np.int64)
-    order = np.lexsort((fi, pi))  # by parameter, then flat index
+    # By parameter, then flat index. The sort is the largest cost of apply for big K, and a
+    # draw is applied once per condition, so it is kept on the draw.
+    order = draw.__dict__.get("_cwa_sort_order")
+    if order is None or len(order) != len(pi):
+        dp, df = np.diff(pi), np.diff(fi)
+        if bool(np.all((dp > 0) | ((dp == 0) & (df >= 0)))):
+            order = np.arange(len(pi))  # random controls are stored sorted already
+        else:
+            order = np.lexsort((fi, pi))
+        draw.__dict__["_cwa_sort_order"] = order
     pi_s, fi_s = pi[order], fi[order]
     bounds = np.flatnonzero(np.diff(pi_s)) + 1
     groups = np.split(np.arange(len(pi_s)), bounds) if len(pi_s) else []
