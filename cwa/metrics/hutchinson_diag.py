@@ -70,7 +70,10 @@ class HutchinsonDiag(Metric):
                 i: rademacher(self.options.seed, p, i, params[i].shape).to(params[i].device)
                 for i in live
             }
-            dot = sum((grads[i].float() * zs[i]).sum() for i in live)
+            # Per-parameter products may live on different devices (--device-map auto):
+            # bring each scalar to the loss's device before summing.
+            dev = objective.device
+            dot = sum((grads[i].float() * zs[i]).sum().to(dev) for i in live)
             try:
                 hvps = torch.autograd.grad(
                     dot,
