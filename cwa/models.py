@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +340,3 @@ def _hash_header_and_sample(path: Path, h) -> None:
             for off in range(0, size, step)[:_SAMPLES_PER_TENSOR]:
                 f.seek(base + a + off)
                 h.update(f.read(min(8, size - off)))
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")

@@ -253,10 +253,6 @@ def score_stage(
 # --------------------------------------------------------------------------- rank
 
 
-def default_rank_by(scores) -> str:
-    return "abs"
-
-
 def rank_stage(
     scores_path: Path,
     *,
@@ -441,10 +437,6 @@ def control_stage(
 # --------------------------------------------------------------------------- perturb
 
 
-def condition_name(kind: str) -> str:
-    return kind
-
-
 def perturb_stage(
     lm,
     data: DataOptions,
@@ -523,7 +515,7 @@ def perturb_stage(
                     i = len(conditions)
                     m = res.metrics
                     cond = {
-                        "name": condition_name(sel.kind),
+                        "name": sel.kind,
                         "selection": si,
                         "seed": sel.seed,
                         "draw": d,
