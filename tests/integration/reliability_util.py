@@ -140,3 +140,35 @@ def scores_content(path: Path) -> tuple[dict, dict]:
     meta = {k: v for k, v in sc.meta.items() if k != "cwa.created"}
     raw = {n: sc.get(n).numpy().tobytes() for n in sc.names}
     return meta, raw
+
+
+def tree_state(*roots: Path) -> dict[str, str]:
+    """Every file under `roots` (or the file itself) -> SHA-256 of its bytes (a symlink ->
+    its target text), so a refusal can be shown to have written and changed nothing."""
+    import hashlib
+
+    state: dict[str, str] = {}
+    for root in roots:
+        root = Path(root)
+        items = [root] if not root.is_dir() or root.is_symlink() else sorted(root.rglob("*"))
+        for p in items:
+            if p.is_symlink():
+                state[str(p)] = "link:" + os.readlink(p)
+            elif p.is_file():
+                state[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif p.is_dir():
+                state[str(p)] = "dir"
+            elif p.exists():
+                state[str(p)] = "special"
+    return state
+
+
+def assert_refused(r, code: int, *needles: str, before: dict[str, str], roots) -> str:
+    """`assert_clean_error` plus: every file under `roots` is byte-identical to `before`
+    (taken with `tree_state(*roots)` before the command ran) and nothing was added."""
+    line = assert_clean_error(r, code, *needles)
+    after = tree_state(*roots)
+    added = sorted(set(after) - set(before))
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    assert not added and not changed, f"refusal wrote files: added {added}, changed {changed}"
+    return line
