@@ -410,6 +410,7 @@ def _magnitude_matched(
     parts = [(_cat(out_p[d], np.int32), _cat(out_f[d], np.int64)) for d in range(draws)]
     extra = {
         "n_fallback": n_fallback,
+        "achieved_match": _achieved_match(weights, names, excl, parts),
         "magnitude_bins": {
             "n_bins": N_MAG_BINS,
             "zero_bin": True,
@@ -418,6 +419,41 @@ def _magnitude_matched(
         },
     }
     return _finish("magnitude_matched", scores, ref, seed, parts, extra)
+
+
+MATCH_QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+def _abs_at(weights, names, pi: np.ndarray, fi: np.ndarray) -> np.ndarray:
+    out = np.empty(len(fi), dtype=np.float64)
+    for p in np.unique(pi):
+        m = pi == p
+        w = weights[names[int(p)]].detach().reshape(-1)
+        out[m] = w[torch.from_numpy(fi[m]).to(w.device)].to("cpu", torch.float64).abs().numpy()
+    return out
+
+
+def _achieved_match(weights, names, excl: dict, parts) -> dict:
+    """How well the partners' |w| match the top-K's: the sorted partner |w| divided by the
+    sorted top-K |w| (a quantile-quantile ratio, 1 everywhere for a perfect match), its
+    quantiles pooled over draws, and the share of ratios within a factor 2."""
+    ps = np.concatenate([np.full(len(f), p, dtype=np.int64) for p, f in excl.items()]) if excl else np.zeros(0, np.int64)
+    fs = np.concatenate(list(excl.values())) if excl else np.zeros(0, np.int64)
+    top = np.sort(_abs_at(weights, names, ps, fs))
+    ratios = []
+    for pi, fi in parts:
+        partner = np.sort(_abs_at(weights, names, np.asarray(pi, np.int64), np.asarray(fi, np.int64)))
+        if len(partner) == len(top):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios.append(partner / top)
+    r = np.concatenate(ratios) if ratios else np.zeros(0)
+    r = r[np.isfinite(r)]
+    if not len(r):
+        return {"ratio_quantiles": {}, "within_2x": None}
+    q = np.quantile(r, MATCH_QUANTILES)
+    within = float(np.mean((r >= 0.5) & (r <= 2.0)))
+    return {"ratio_quantiles": {str(k): float(v) for k, v in zip(MATCH_QUANTILES, q, strict=True)},
+            "within_2x": within}
 
 
 CONTROLS.add("random_k", _random_k, aliases=("random",))

@@ -38,7 +38,9 @@ from cwa.stages import (
     StageResult,
     _check_mode,
     _check_rank_by,
+    check_draws,
     check_perturb_options,
+    check_seed,
     control_stage,
     perturb_stage,
     rank_stage,
@@ -125,20 +127,26 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> Path:
     cfg.metric = METRICS.resolve(cfg.metric)
     # Every value is checked before any work, so a typo never costs a scoring pass.
     if cfg.perturb != "none":
-        cfg.perturb, _, _ = check_perturb_options(cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, cfg.bit)
+        cfg.perturb, _, _ = check_perturb_options(
+            cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, cfg.bit, dtype=_load_dtype(cfg)
+        )
     for k in cfg.topk:
         if k <= 0:
             raise UsageError(f"--topk {k}: K must be a positive integer")
+    for s in cfg.seeds:
+        check_seed(s, "--seeds")
+    if cfg.data.data_seed is not None:
+        check_seed(cfg.data.data_seed, "--data-seed")
     _check_mode(cfg.mode)
     _check_rank_by(cfg.rank_by)
-    if cfg.control_draws <= 0:
-        raise UsageError(f"--control-draws {cfg.control_draws}: must be a positive integer")
+    check_draws(cfg.control_draws)
     cfg.data.validate()
     stability = cfg.stability_check if cfg.stability_check is not None else len(cfg.seeds) > 1
     if stability and len(cfg.seeds) < 2:
         log("note: --stability-check needs two or more seeds; skipped with one seed")
         stability = False
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
+    previous = claim_out_dir(out)
     art = out / "artifacts"
     art.mkdir(parents=True, exist_ok=True)
 
@@ -213,8 +221,8 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> Path:
         t0 = time.perf_counter()
         from cwa.plotting import plot_artifacts
 
-        plot_inputs = [topk_paths[s0, k] for k in cfg.topk]
-        plot_inputs += [perturb_paths[s0, k] for k in cfg.topk if (s0, k) in perturb_paths]
+        plot_inputs = [topk_paths[s, k] for s in cfg.seeds for k in cfg.topk]
+        plot_inputs += [perturb_paths[s, k] for s in cfg.seeds for k in cfg.topk if (s, k) in perturb_paths]
         plot_inputs += [stab_paths[k] for k in cfg.topk if k in stab_paths]
         plots = [str(p.relative_to(out)) for p in plot_artifacts(plot_inputs, out / "plots")]
         stages.append({"stage": "plot", "seconds": round(time.perf_counter() - t0, 4), "cache_hit": False,
@@ -222,25 +230,114 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> Path:
 
     config = _config_dict(cfg, out, stability)
     A.write_json(out / "config.json", config)
-    manifest = {
-        "cwa_version": __version__,
+    produced = {out / "config.json", out / "experiment_manifest.json", out / "sensitivity_stats.json",
+                out / "top_weights.csv", out / "control_baselines.json"}
+    produced |= {out / "perturbation_results.json"} if results is not None else set()
+    produced |= {out / "stability_results.json"} if stab_paths else set()
+    produced |= {out / s["path"] for s in stages if "path" in s} | {out / f for f in plots}
+    removed = remove_stale(out, produced)
+    this_run = {
         "command_line": argv if argv is not None else sys.argv,
         "cwd": os.getcwd(),
         "started": started,
         "finished": A.now_iso(),
         "seconds": round(time.perf_counter() - t_start, 3),
+        "stages": stages,
+        "all_cache_hits": all(s.get("cache_hit") for s in stages if s["stage"] != "plot"),
+        "removed_stale": removed,
+    }
+    manifest = {
+        "cwa_version": __version__,
+        **{k: this_run[k] for k in ("command_line", "cwd", "started", "finished", "seconds")},
         "versions": _versions(),
-        "git_commit": _git_commit(),
+        "git_commit": cwa_commit(),
         "hardware": _hardware(),
         "model": {"name": lm.name, "fingerprint": lm.fingerprint, "dtype": lm.dtype, "device": lm.device,
-                  "revision": lm.revision, "source": lm.source, "loaded": lm.loaded},
+                  "revision": lm.revision, "commit": getattr(lm, "commit", None), "source": lm.source,
+                  "loaded": lm.loaded},
         "data": _data_fingerprints(scores_paths, perturb_paths),
-        "stages": stages,
+        "stages": _with_compute_timings(stages, previous, started),
         "artifacts": {str(p.relative_to(out)): _fp_of(p) for p in sorted(art.iterdir()) if not p.name.startswith(".")},
         "plots": plots,
-        "all_cache_hits": all(s.get("cache_hit") for s in stages if s["stage"] != "plot"),
+        "all_cache_hits": this_run["all_cache_hits"],
+        "runs": (previous.get("runs") or [] if previous else []) + [this_run],
     }
     A.write_json(out / "experiment_manifest.json", manifest)
+    return out
+
+
+MARKER = ".cwa-run"  # marks a directory as a cwa run's output directory
+
+
+def claim_out_dir(out: Path) -> dict[str, Any] | None:
+    """Make `out` a cwa output directory, or refuse it: a directory that holds files cwa
+    did not write (no marker, e.g. a model directory) is a usage error, so `cwa run` never
+    overwrites someone's config.json. Returns the previous run's manifest, if any."""
+    import json
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out}: is a file; give a directory")
+    marker = out / MARKER
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        legacy = out / "experiment_manifest.json"
+        try:
+            ok = "cwa_version" in json.loads(legacy.read_text())
+        except (OSError, ValueError, TypeError):
+            ok = False
+        if not ok:
+            first = sorted(p.name for p in out.iterdir())[0]
+            raise UsageError(
+                f"--out-dir {out}: holds files cwa did not write (e.g. {first}); choose a new or "
+                "empty directory"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        A.write_text_atomic(marker, f"cwa output directory (cwa {__version__})\n")
+    try:
+        prev = json.loads((out / "experiment_manifest.json").read_text())
+        return prev if isinstance(prev, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+# What `cwa run` writes: stale files of these kinds are removed when a run no longer makes them.
+_REPORTS = ("perturbation_results.json", "stability_results.json", "control_baselines.json",
+            "sensitivity_stats.json", "top_weights.csv")
+
+
+def remove_stale(out: Path, produced: set[Path]) -> list[str]:
+    """Remove what an earlier run in `out` wrote and this one did not (another seed's
+    artifacts, old plots, an old stability report); only files of cwa's own kinds."""
+    keep = {p.resolve() for p in produced}
+    stale = [out / n for n in _REPORTS]
+    stale += [p for p in (out / "artifacts").glob("*") if p.suffix in (".safetensors", ".h5")]
+    stale += [p for p in (out / "plots").glob("*.png")]
+    removed = []
+    for p in stale:
+        if p.is_file() and p.resolve() not in keep:
+            p.unlink()
+            removed.append(str(p.relative_to(out)))
+    return sorted(removed)
+
+
+def _with_compute_timings(stages: list[dict[str, Any]], previous: dict[str, Any] | None, started: str) -> list[dict[str, Any]]:
+    """A cache hit keeps the timing of the run that computed the artifact: each stage
+    record gets `compute_seconds` and `computed` (that run's start), found in the previous
+    manifest by path and fingerprint (a run's start identifies it)."""
+    before = {(s.get("path"), s.get("fingerprint")): s for s in (previous or {}).get("stages") or []
+              if isinstance(s, dict)}
+    out = []
+    for s in stages:
+        s = dict(s)
+        if "path" in s:
+            old = before.get((s["path"], s["fingerprint"]))
+            if s["cache_hit"] and old is not None:
+                s["compute_seconds"] = old.get("compute_seconds", old.get("seconds"))
+                s["computed"] = old.get("computed", (previous or {}).get("started"))
+            elif not s["cache_hit"]:
+                s["compute_seconds"] = s["seconds"]
+                s["computed"] = started
+        out.append(s)
     return out
 
 
@@ -265,6 +362,13 @@ def _data_fingerprints(scores_paths: dict[int, Path], perturb_paths: dict) -> di
     return d
 
 
+def _load_dtype(cfg: RunConfig) -> str:
+    """The dtype name the model will be loaded in (resolved without loading it)."""
+    from cwa.models import resolve_device, resolve_dtype
+
+    return resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))[0]
+
+
 def _perturbation_report(cfg: RunConfig, perturb_paths: dict[tuple[int, int], Path]) -> dict[str, Any]:
     s0, k0 = cfg.seeds[0], cfg.topk[0]
     docs = {key: A.read_h5(p).doc for key, p in perturb_paths.items()}
@@ -285,31 +389,39 @@ def _perturbation_report(cfg: RunConfig, perturb_paths: dict[tuple[int, int], Pa
 
 
 def _control_report(cfg, topk_paths, control_paths, results) -> dict[str, Any]:
+    """Per control: the selection summary and its effect, for the first seed at the top
+    level (the SPEC's layout) and for every seed under `by_seed`."""
+    by_seed_effects = (results or {}).get("summary_by_seed") or {}
+    by_seed = {
+        str(s): _controls_of_seed(cfg, s, topk_paths, control_paths, by_seed_effects.get(str(s)) or {})
+        for s in cfg.seeds
+    }
+    return {**by_seed[str(cfg.seeds[0])], "by_seed": by_seed}
+
+
+def _controls_of_seed(cfg, seed, topk_paths, control_paths, summary) -> dict[str, Any]:
     import numpy as np
 
-    s0, k0 = cfg.seeds[0], cfg.topk[0]
-    ref, _ = A.read_selection(topk_paths[s0, k0])
+    k0 = cfg.topk[0]
+    ref, _ = A.read_selection(topk_paths[seed, k0])
     ref_keys = set(zip(ref.draws[0].param_index.tolist(), ref.draws[0].flat_index.tolist(), strict=True))
     rep: dict[str, Any] = {}
     for c in cfg.controls:
-        sel, _ = A.read_selection(control_paths[s0, k0, c])
+        sel, _ = A.read_selection(control_paths[seed, k0, c])
         overlaps = [
             len(ref_keys & set(zip(d.param_index.tolist(), d.flat_index.tolist(), strict=True))) for d in sel.draws
         ]
-        counts = {}
-        for d in sel.draws[:1]:
-            idx, n = np.unique(d.param_index, return_counts=True)
-            counts = {sel.params[i]: int(c_) for i, c_ in zip(idx, n, strict=True)}
+        idx, n = np.unique(sel.draws[0].param_index, return_counts=True)
         rep[c] = {
             "k": sel.k,
             "mode": sel.mode,
             "size": int(len(sel.draws[0].flat_index)),
             "draws": len(sel.draws),
-            "seed": s0,
+            "seed": sel.seed,
             "overlap_with_topk": overlaps,
-            "per_tensor_counts_draw0": counts,
+            "per_tensor_counts_draw0": {sel.params[i]: int(c_) for i, c_ in zip(idx, n, strict=True)},
             "info": sel.info,
-            "effect": (results or {}).get("summary", {}).get(c),
+            "effect": summary.get(c),
         }
     return rep
 
@@ -341,15 +453,30 @@ def _versions() -> dict[str, Any]:
     return v
 
 
-def _git_commit() -> str | None:
+def cwa_commit() -> str | None:
+    """cwa's own commit: the checkout cwa is imported from (an editable install), else the
+    commit pip recorded for a VCS install (direct_url.json), else None. Never the
+    repository of the working directory, which may be the user's own project."""
+    import importlib.metadata as md
+    import json
+
+    import cwa
+
+    src = Path(cwa.__file__).resolve().parent.parent
+    if (src / ".git").exists():
+        try:
+            r = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            if r.returncode == 0:
+                dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                                       capture_output=True, text=True, timeout=10)
+                return r.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if r.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10)
-            return r.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return None
+        info = json.loads(md.distribution("cwa").read_text("direct_url.json") or "{}")
+        return (info.get("vcs_info") or {}).get("commit_id")
+    except (md.PackageNotFoundError, ValueError, AttributeError):
+        return None
 
 
 def _hardware() -> dict[str, Any]:

@@ -114,6 +114,8 @@ class _Sel:
     mode: str
     rank_by: str
     seed: int
+    model: str  # model fingerprint: selections of different models never share a figure
+    model_name: str
     params: list[str]
     counts: np.ndarray  # top-K entries per tensor (draw 0)
     stats: dict | None  # the sensitivity stats document
@@ -221,6 +223,10 @@ def _read_sel(path: Path, art: A.H5Artifact) -> _Sel:
     if (
         edges is not None
         and np.asarray(edges).dtype.kind == "f"
+        and np.asarray(edges).ndim == 1
+        and len(np.asarray(edges)) >= 2
+        and bool(np.all(np.isfinite(edges)))
+        and bool(np.all(np.diff(np.asarray(edges, dtype=np.float64)) > 0))
         and "stats/counts" in arrays
         and np.asarray(arrays["stats/counts"]).shape
         == (len(arrays.get("stats/params", params)), len(np.asarray(edges)) - 1)
@@ -250,6 +256,8 @@ def _read_sel(path: Path, art: A.H5Artifact) -> _Sel:
         mode=str(sel_obj.mode),
         rank_by=str(sel_obj.rank_by),
         seed=seed,
+        model=str(prov.get("model_fingerprint") or ""),
+        model_name=str(prov.get("model") or "unknown"),
         params=params,
         counts=np.asarray(counts, dtype=np.int64),
         stats=stats if isinstance(stats, dict) else None,
@@ -669,6 +677,8 @@ class _Cond:
     kl: float
     metric: str
     source: int  # index of the perturbation artifact
+    model: str = ""  # model fingerprint
+    model_name: str = ""
 
 
 def _conditions(perts: list[_Pert]) -> list[_Cond]:
@@ -694,6 +704,8 @@ def _conditions(perts: list[_Pert]) -> list[_Cond]:
                     kl=_fnum(c.get("kl_from_baseline")),
                     metric=metric,
                     source=si,
+                    model=str(p.doc.get("model_fingerprint") or ""),
+                    model_name=str(p.doc.get("model") or ""),
                 )
             )
     return out
@@ -1053,6 +1065,11 @@ def _names(groups: list[tuple[tuple, dict[str, Any]]]) -> list[str]:
     return out
 
 
+def _model_label(name: str, fingerprint: str) -> str:
+    """A short file-name label for a model: its name's last part and fingerprint prefix."""
+    return f"{Path(name.rstrip('/')).name or 'model'}-{fingerprint[:8]}"
+
+
 def plot_artifacts(paths: list[Path], out_dir: Path) -> list[Path]:
     """Write every figure the given artifacts allow into `out_dir`; return their paths.
 
@@ -1063,12 +1080,13 @@ def plot_artifacts(paths: list[Path], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     written: list[Path] = []
 
-    # selections: one group per (metric, K, mode, rank_by), seeds inside
+    # selections: one group per (model, metric, K, mode, rank_by), seeds inside
     sel_groups: dict[tuple, list[_Sel]] = defaultdict(list)
     for s in loaded.selections:
-        sel_groups[(s.metric, s.k, s.mode, s.rank_by)].append(s)
+        sel_groups[(s.metric, s.k, s.mode, s.rank_by, s.model)].append(s)
     keys = list(sel_groups)
-    stems = _names([((k[0], f"k{k[1]}"), {"mode": k[2], "rank_by": k[3]}) for k in keys])
+    label = {s.model: _model_label(s.model_name, s.model) for s in loaded.selections}
+    stems = _names([((k[0], f"k{k[1]}"), {"model": label[k[4]], "mode": k[2], "rank_by": k[3]}) for k in keys])
     for key, stem in zip(keys, stems, strict=True):
         sels = sorted(sel_groups[key], key=lambda s: (s.seed, str(s.path)))
         first = next((s for s in sels if s.hist is not None), sels[0])
@@ -1101,10 +1119,11 @@ def plot_artifacts(paths: list[Path], out_dir: Path) -> list[Path]:
     eff: dict[tuple, list[_Cond]] = defaultdict(list)
     dose: dict[tuple, list[_Cond]] = defaultdict(list)
     for c in conds:
-        eff[(c.metric, c.k, c.method, c.mode)].append(c)
-        dose[(c.metric, c.method, c.mode)].append(c)
+        eff[(c.metric, c.k, c.method, c.mode, c.model)].append(c)
+        dose[(c.metric, c.method, c.mode, c.model)].append(c)
+    label = {c.model: _model_label(c.model_name, c.model) for c in conds}
     keys = list(eff)
-    stems = _names([((k[0], f"k{k[1]}"), {"method": k[2], "mode": k[3]}) for k in keys])
+    stems = _names([((k[0], f"k{k[1]}"), {"model": label[k[4]], "method": k[2], "mode": k[3]}) for k in keys])
     for key, stem in zip(keys, stems, strict=True):
         written.append(
             plot_perturbation_effects(
@@ -1112,7 +1131,7 @@ def plot_artifacts(paths: list[Path], out_dir: Path) -> list[Path]:
             )
         )
     keys = [k for k in dose if len({c.k for c in dose[k]}) >= 2]
-    stems = _names([((k[0],), {"method": k[1], "mode": k[2]}) for k in keys])
+    stems = _names([((k[0],), {"model": label[k[3]], "method": k[1], "mode": k[2]}) for k in keys])
     for key, stem in zip(keys, stems, strict=True):
         written.append(
             plot_dose_response(

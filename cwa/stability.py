@@ -209,6 +209,7 @@ def plan(
 ) -> Plan:
     """Open and validate the inputs and resolve K, mode and ranking key."""
     inputs = load_inputs(paths)
+    _check_distinct(inputs)
     notes: list[str] = []
     if inputs[0].kind == "scores":
         if topk is None:
@@ -243,6 +244,21 @@ def plan(
     for inp, lab in zip(inputs, labels, strict=True):
         inp.label = lab
     return Plan(inputs, k, mode, rank_by, kind, labels, input_kind, notes)
+
+
+def _check_distinct(inputs: list[StabilityInput]) -> None:
+    """The same artifact twice (one path, a copy, a link: one fingerprint, seed and metric)
+    would count as perfect agreement. Two seeds of a seed-free metric (magnitude) share a
+    fingerprint but not a seed, and are compared (their Jaccard is 1, a real finding)."""
+    seen: dict[tuple, Path] = {}
+    for inp in inputs:
+        key = (inp.fingerprint or str(inp.path.resolve()), inp.seed, inp.metric)
+        if key in seen:
+            raise UsageError(
+                f"{inp.path}: is the same artifact as {seen[key]}; stability compares "
+                "different seeds or metrics"
+            )
+        seen[key] = inp.path
 
 
 def _check_k(k: int) -> int:

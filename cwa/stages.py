@@ -38,6 +38,7 @@ class ModelOptions:
     device: str = "auto"
     device_map: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = False
 
     def load(self, *, second_order: bool = False, lazy: bool = True):
         from cwa.models import load_model
@@ -50,6 +51,7 @@ class ModelOptions:
             second_order=second_order,
             trust_remote_code=self.trust_remote_code,
             device_map=self.device_map,
+            **({"allow_pickle": True} if self.allow_pickle else {}),  # TEMP
             lazy=lazy,
         )
 
@@ -95,7 +97,14 @@ def _done(path: Path, fp: str, cached: bool, t0: float, **extra: Any) -> StageRe
 
 
 def _check_model(lm, want: str, what: Path) -> None:
-    if want and lm.fingerprint != want:
+    """`what` was computed on `lm`: refused when its model fingerprint differs, and when it
+    has none (foreign or unreadable provenance), since then nothing ties it to a model."""
+    if not want:
+        raise ArtifactError(
+            f"{what}: records no model fingerprint (its provenance is missing or unreadable), "
+            "so it cannot be checked against --model; recompute it with this version of cwa"
+        )
+    if lm.fingerprint != want:
         raise ArtifactError(
             f"{what}: was computed on another model (fingerprint {want[:12]}…, this model "
             f"{lm.fingerprint[:12]}…); pass the same --model"
@@ -106,21 +115,92 @@ def _named_params(model) -> dict[str, Any]:
     return dict(model.named_parameters())
 
 
-def _check_fits(sel, art, sizes: dict[str, int], what: str) -> None:
-    """Every selected entry exists in its tensor: a selection that is corrupt (but sealed)
-    or made for other parameters is refused here, not deep inside a perturbation."""
+def _check_fits(sel, art, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """Every selected entry exists in its tensor, every tensor has the shape the selection
+    was made for, and no draw is empty: a selection that is corrupt (but sealed) or made
+    for other parameters is refused here, not deep inside a perturbation."""
+    import math
+
     import numpy as np
 
-    missing = [n for n in sel.params if n not in sizes]
+    missing = [n for n in sel.params if n not in shapes]
     if missing:
         raise ArtifactError(f"{art.path}: names parameter {missing[0]!r} that {what} does not have")
-    numel = np.array([sizes[n] for n in sel.params], dtype=np.int64)
+    recorded = A.provenance(art).get("shapes")
+    if not isinstance(recorded, dict):
+        raise ArtifactError(
+            f"{art.path}: records no tensor shapes, so it cannot be checked against {what}; "
+            "recompute it with this version of cwa"
+        )
+    for n in sel.params:
+        if [int(x) for x in recorded.get(n, [-1])] != [int(x) for x in shapes[n]]:
+            raise ArtifactError(
+                f"{art.path}: tensor {n!r} has shape {tuple(recorded.get(n, ()))} in the selection "
+                f"but {tuple(shapes[n])} in {what}; it was made for another model"
+            )
+    numel = np.array([math.prod(shapes[n]) for n in sel.params], dtype=np.int64)
     for d, draw in enumerate(sel.draws):
+        if not len(draw.flat_index):
+            raise ArtifactError(f"{art.path}: draw {d} selects no weights (file damaged or hand-made)")
         if len(draw.flat_index) and bool((draw.flat_index >= numel[draw.param_index]).any()):
             raise ArtifactError(
                 f"{art.path}: draw {d} selects entries past the end of their tensors in {what} "
                 "(file corrupted, or made for other parameters)"
             )
+
+
+def _input_files(*, paths=(), lm=None, data=None) -> list[Path]:
+    """The files a stage reads: artifacts, the local model's files, local data files."""
+    out = [Path(p) for p in paths]
+    mp = _model_path(lm) if lm is not None else None
+    if mp is not None and mp.exists():
+        out += sorted(f for f in mp.iterdir() if f.is_file()) if mp.is_dir() else [mp]
+    if data is not None:
+        for d in (data.data, data.eval_data):
+            if d and not str(d).startswith("hf:") and Path(d).exists():
+                dp = Path(d)
+                out += sorted(f for f in dp.rglob("*") if f.is_file()) if dp.is_dir() else [dp]
+    return out
+
+
+def _model_path(lm) -> Path | None:
+    if lm.source in ("local", "gguf"):
+        return Path(lm.name)
+    if lm.source == "embedded":
+        from cwa.models import embedded_dir
+
+        return embedded_dir()
+    return None
+
+
+def _file_id(p: Path):
+    try:
+        st = p.stat()
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return str(p.resolve())
+
+
+def guard_outputs(outputs: dict[str, Path | None], inputs: list[Path]) -> None:
+    """Before any work: every output can be written as a regular file
+    (`artifacts.check_output`), none is an input of the same command (the same path, a
+    symlink or a hard link of it), and no two outputs are one file. An output never
+    replaces an input."""
+    outs = {flag: Path(o) for flag, o in outputs.items() if o is not None}
+    ins = {_file_id(Path(i)): Path(i) for i in inputs if Path(i).exists()}
+    seen: dict[Any, str] = {}
+    for flag, o in outs.items():
+        if hasattr(A, "check_output"):  # TEMP until artifacts.check_output lands
+            A.check_output(o, flag)
+        fid = _file_id(o)
+        if fid in ins:
+            raise UsageError(
+                f"{flag} {o}: is an input of this command ({ins[fid]}); writing there would "
+                "destroy it — choose another path"
+            )
+        if fid in seen:
+            raise UsageError(f"{flag} {o}: is also the {seen[fid]} output; give each output its own path")
+        seen[fid] = flag
 
 
 # --------------------------------------------------------------------------- score
@@ -159,6 +239,7 @@ def score_stage(
 
     t0 = time.perf_counter()
     dist = dist if dist is not None else Dist()
+    check_seed(seed)
     name = METRICS.resolve(metric)
     cls = METRICS.get(name)
     if obd and not getattr(cls, "curvature", False):
@@ -190,16 +271,12 @@ def score_stage(
     if calib is not None:
         opts["data"] = calib.source
     data_fp = calib.fingerprint if calib is not None else "none"
-    stochastic = name in ("hessian_diag", "hutchinson_diag")
-    fp = A.stage_fingerprint(
-        "score",
-        model=lm.fingerprint,
-        data=data_fp,
-        metric=name,
-        seed=seed if stochastic else None,
-        options=opts,
-    )
+    # The seed is always part of it: scores carry their seed (`cwa.seed`), and every
+    # selection made from them compares its controls by that seed, so the artifact of
+    # seed 0 must never stand in for seed 5, even where the numbers coincide (magnitude).
+    fp = A.stage_fingerprint("score", model=lm.fingerprint, data=data_fp, metric=name, seed=seed, options=opts)
     out = A.resolve_output(output, "scores", fp, ".safetensors")
+    guard_outputs({"-o": out}, _input_files(lm=lm, data=data))
     hit = not force and dist.is_main and A.cached(out, fp, A.scores_fingerprint_of)
     if dist.broadcast_flag(hit):  # every rank takes rank 0's branch
         return _done(out, fp, True, t0)
@@ -273,15 +350,19 @@ def rank_stage(
     _check_mode(mode)
     rank_by = _check_rank_by(rank_by)
     sc = A.open_scores(scores_path)
+    seed = scores_seed(sc)
     if lm is not None:
         _check_model(lm, sc.model_fingerprint, sc.path)
-    fp = A.stage_fingerprint("rank", scores=sc.fingerprint, k=topk, mode=mode, rank_by=rank_by)
+    fp = A.stage_fingerprint("rank", scores=sc.fingerprint, seed=seed, k=topk, mode=mode, rank_by=rank_by)
     out = A.resolve_output(output, "topk", fp, ".h5")
+    guard_outputs({"-o": out, "--csv": csv, "--stats": stats}, [sc.path])
+    if lm is not None and csv is not None:
+        _check_scores_fit(sc, lm)
     if not force and A.cached(out, fp, A.h5_fingerprint_of) and (csv is None or csv.exists()) and (
         stats is None or stats.exists()
     ):
         return _done(out, fp, True, t0)
-    sel = rank_topk(sc, topk, mode=mode, rank_by=rank_by)
+    sel = rank_topk(sc, topk, mode=mode, rank_by=rank_by, seed=seed)
     st, hist = sensitivity_stats(sc, sel)
     prov = _provenance(sc)
     extra = _hist_arrays(hist)
@@ -308,6 +389,50 @@ def _check_topk(topk: int) -> None:
         raise UsageError(f"--topk {topk}: K must be a positive integer")
 
 
+def scores_seed(sc) -> int:
+    """The seed a scores artifact was computed with: every selection made from it carries
+    it, so a top-K and its controls are compared seed by seed."""
+    try:
+        return int(sc.meta.get("cwa.seed", "0"))
+    except ValueError:
+        raise ArtifactError(f"{sc.path}: cwa.seed {sc.meta.get('cwa.seed')!r} is not an integer") from None
+
+
+def _check_scores_fit(sc, lm) -> None:
+    """Every scored tensor exists in the model with the same shape (a CSV's coordinates
+    come from the scores' shapes and its values from the model's tensors)."""
+    named = _named_params(lm.model)
+    for n in sc.names:
+        if n not in named:
+            raise ArtifactError(f"{sc.path}: scores parameter {n!r}, which --model does not have")
+        if tuple(named[n].shape) != tuple(sc.shape(n)):
+            raise ArtifactError(
+                f"{sc.path}: tensor {n!r} has shape {tuple(sc.shape(n))} in the scores but "
+                f"{tuple(named[n].shape)} in --model; they belong to different models"
+            )
+
+
+SEED_LIMIT = 2**63  # seeds are stored as int64 in HDF5 attributes
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    if isinstance(seed, bool) or not -SEED_LIMIT <= int(seed) < SEED_LIMIT:
+        raise UsageError(f"{flag} {seed}: a seed must fit in 64 bits (|seed| < 2**63)")
+    return int(seed)
+
+
+MAX_CONTROL_DRAWS = 10_000  # each draw is one evaluation pass in cwa perturb
+
+
+def check_draws(draws: int) -> int:
+    if draws <= 0 or draws > MAX_CONTROL_DRAWS:
+        raise UsageError(
+            f"--control-draws {draws}: must be between 1 and {MAX_CONTROL_DRAWS} "
+            "(each draw costs one evaluation pass)"
+        )
+    return int(draws)
+
+
 def _provenance(sc) -> dict[str, Any]:
     return {
         "scores": str(sc.path),
@@ -317,6 +442,7 @@ def _provenance(sc) -> dict[str, Any]:
         "data_fingerprint": sc.meta.get("cwa.data_fingerprint"),
         "metric": sc.metric,
         "scores_seed": sc.meta.get("cwa.seed"),
+        "shapes": {n: list(sc.shape(n)) for n in sc.names},
         "cwa_version": __version__,
     }
 
@@ -382,16 +508,17 @@ def control_stage(
 
     t0 = time.perf_counter()
     kind = CONTROLS.resolve(kind)
-    if draws <= 0:
-        raise UsageError(f"--control-draws {draws}: must be a positive integer")
+    check_draws(draws)
+    check_seed(seed)
     sc = A.open_scores(scores_path)
+    sc_seed = scores_seed(sc)
     if ref is not None:
         ref_sel, ref_art = A.read_selection(ref)
         if ref_sel.kind != "topk":
             raise UsageError(f"--ref {ref}: is a {ref_sel.kind} selection, expected a top-K selection")
         if A.provenance(ref_art).get("scores_fingerprint") not in (None, sc.fingerprint):
             raise ArtifactError(f"--ref {ref}: was ranked from other scores than {sc.path}")
-        _check_fits(ref_sel, ref_art, {n: sc.numel(n) for n in sc.names}, str(sc.path))
+        _check_fits(ref_sel, ref_art, {n: sc.shape(n) for n in sc.names}, str(sc.path))
         ref_fp = ref_art.fingerprint
         topk, mode, rank_by = ref_sel.k, ref_sel.mode, ref_sel.rank_by
     else:
@@ -410,6 +537,7 @@ def control_stage(
         "control",
         scores=sc.fingerprint,
         kind=kind,
+        scores_seed=sc_seed,
         k=topk,
         mode=mode,
         rank_by=rank_by,
@@ -419,19 +547,37 @@ def control_stage(
         model=lm.fingerprint if kind == "magnitude_matched" else None,
     )
     out = A.resolve_output(output, kind, fp, ".h5")
+    guard_outputs({"-o": out}, [sc.path] + ([Path(ref)] if ref is not None else []))
     if not force and A.cached(out, fp, A.h5_fingerprint_of):
         return _done(out, fp, True, t0)
     if ref_sel is None:
-        ref_sel = rank_topk(sc, topk, mode=mode, rank_by=rank_by)
+        ref_sel = rank_topk(sc, topk, mode=mode, rank_by=rank_by, seed=sc_seed)
     weights = None
     if kind == "magnitude_matched":
+        _check_scores_fit(sc, lm)
         named = _named_params(lm.model)
         weights = {n: named[n].detach() for n in sc.names}
     sel = make_control(kind, sc, ref_sel, draws=draws, seed=seed, weights=weights)
+    # The selection's seed is the experiment's (its scores'); the draws' own seed is info.
+    sel.seed = sc_seed
+    sel.info["draw_seed"] = None if deterministic else int(seed)
+    _warn_fallback(sel, out)
     prov = _provenance(sc)
     prov["ref"] = str(ref) if ref is not None else None
     A.write_selection(out, sel, fingerprint=fp, provenance=prov)
     return _done(out, fp, False, t0)
+
+
+def _warn_fallback(sel, out: Path) -> None:
+    """magnitude_matched: say so when the match is poor (partners from other |w| bins)."""
+    fb, size = sel.info.get("n_fallback"), len(sel.draws[0].flat_index) if sel.draws else 0
+    if sel.kind == "magnitude_matched" and fb and size and fb / size > 0.10:
+        q = (sel.info.get("achieved_match") or {}).get("ratio_quantiles", {})
+        log(
+            f"warning: magnitude_matched ({out}): {fb} of {size} partners ({fb / size:.0%}) come "
+            f"from other |w| bins (median |w| ratio partner/top-K {q.get('0.5', float('nan')):.3g}); "
+            "the control is not well matched"
+        )
 
 
 # --------------------------------------------------------------------------- perturb
@@ -457,7 +603,8 @@ def perturb_stage(
     from cwa.perturb import perturbed, summarize
 
     t0 = time.perf_counter()
-    method, scale, bit = check_perturb_options(method, scale, prob, bit)
+    method, scale, bit = check_perturb_options(method, scale, prob, bit, dtype=lm.dtype)
+    check_seed(seed)
     if not selections:
         raise UsageError("cwa perturb needs at least one selection artifact")
     sels = []
@@ -478,16 +625,17 @@ def perturb_stage(
         seed=seed if method in ("gauss_noise", "bit_flip") else None,
     )
     out = A.resolve_output(output, "perturb", fp, ".h5")
+    guard_outputs({"-o": out, "--json": json_path}, _input_files(paths=selections, lm=lm, data=data))
     if not force and A.cached(out, fp, A.h5_fingerprint_of):
-        if json_path is not None and not json_path.exists():
+        if json_path is not None:  # cheap, and never leaves a stale JSON beside a cache hit
             A.write_json(json_path, A.read_h5(out).doc)
         return _done(out, fp, True, t0)
 
     model = lm.model
     named = _named_params(model)
-    sizes = {n: p.numel() for n, p in named.items()}
+    shapes = {n: tuple(p.shape) for n, p in named.items()}
     for _, sel, art in sels:  # before any evaluation (not on a cache hit: no model load)
-        _check_fits(sel, art, sizes, "the model")
+        _check_fits(sel, art, shapes, "the model")
     n_cond = sum(len(s.draws) for _, s, _ in sels)
     arrays: dict[str, Any] = {}
     conditions: list[dict[str, Any]] = []
@@ -575,9 +723,11 @@ def perturb_stage(
     return _done(out, fp, False, t0)
 
 
-def check_perturb_options(method: str, scale: float | None, prob: float, bit: str):
+def check_perturb_options(method: str, scale: float | None, prob: float, bit: str, dtype: str | None = None):
     """Validate the perturbation flags before any work (`cwa run` calls this up front, so
-    a bad value never costs a scoring pass); returns (method, scale, bit) resolved."""
+    a bad value never costs a scoring pass); returns (method, scale, bit) resolved.
+    With `dtype` (the name the model is loaded in), a `--bit` index is checked against
+    that dtype's width too (bit 20 exists in float32, not in bfloat16)."""
     import math
 
     from cwa.perturb import PERTURBATIONS
@@ -586,9 +736,19 @@ def check_perturb_options(method: str, scale: float | None, prob: float, bit: st
     scale = default_scale(method, scale)
     if scale is not None and not (math.isfinite(scale) and scale >= 0):
         raise UsageError(f"--perturb-scale {scale}: must be a finite number >= 0")
-    if not 0.0 <= prob <= 1.0:
+    if not (math.isfinite(prob) and 0.0 <= prob <= 1.0):
         raise UsageError(f"--perturb-prob {prob}: must be a probability in [0, 1]")
-    return method, scale, _check_bit(bit)
+    bit = _check_bit(bit)
+    if method == "bit_flip" and dtype is not None:
+        import torch
+
+        from cwa.perturb import resolve_bit
+
+        try:
+            resolve_bit(bit, getattr(torch, dtype))
+        except UsageError as e:
+            raise UsageError(f"{str(e).rstrip('.')} (the model is loaded in {dtype}; see --dtype)") from None
+    return method, scale, bit
 
 
 def default_scale(method: str, scale: float | None) -> float | None:
@@ -628,6 +788,7 @@ def eval_stage(
     ev = data.split(lm, seed=0, calib=False, evaluation=True).evaluation
     fp = A.stage_fingerprint("eval", model=lm.fingerprint, data=ev.fingerprint)
     out = Path(output) if output is not None else A.default_output("eval", fp, ".json")
+    guard_outputs({"-o": out}, _input_files(lm=lm, data=data))
     if not force and out.exists():
         try:
             if json.loads(out.read_text()).get("fingerprint") == fp:
@@ -688,6 +849,7 @@ def stability_stage(
         version=S.ANALYSIS_VERSION,
     )
     out = A.resolve_output(output, "stability", fp, ".h5")
+    guard_outputs({"-o": out, "--json": json_path}, [Path(p) for p in inputs])
     if not force and A.cached(out, fp, A.h5_fingerprint_of):
         doc = A.read_h5(out).doc
         if json_path is not None:  # cheap, and never leaves a stale JSON beside a cache hit

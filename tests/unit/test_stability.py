@@ -295,8 +295,22 @@ def test_one_input_is_a_usage_error(tmp_path):
     a = write_scores(tmp_path / "a.safetensors", random_tensors(0))
     with pytest.raises(UsageError, match="at least two seeds or metrics"):
         stability_stage([a], topk=5, output=tmp_path / "st.h5")
+    b = write_scores(tmp_path / "b.safetensors", random_tensors(1), seed=1)
     with pytest.raises(UsageError, match="needs --topk"):
-        stability_stage([a, a], topk=None, output=tmp_path / "st.h5")
+        stability_stage([a, b], topk=None, output=tmp_path / "st.h5")
+
+
+def test_the_same_artifact_twice_is_a_usage_error(tmp_path):
+    """A A (or a copy of A) would report perfect agreement; two seeds of one seed-free
+    metric share a fingerprint and are still compared."""
+    import shutil
+
+    a = write_scores(tmp_path / "a.safetensors", random_tensors(0))
+    shutil.copy(a, tmp_path / "copy.safetensors")
+    for pair in ([a, a], [a, tmp_path / "copy.safetensors"]):
+        with pytest.raises(UsageError, match="same artifact"):
+            stability_stage(pair, topk=5, output=tmp_path / "st.h5")
+    assert not (tmp_path / "st.h5").exists()
 
 
 def test_mixed_models_and_mixed_kinds_are_refused(tmp_path):
