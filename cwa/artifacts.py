@@ -6,21 +6,48 @@ safetensors.
 - Selections (`selection/1`), perturbation results (`perturbation/1`) and stability
   (`stability/1`): HDF5 files with root attributes, datasets, and a JSON document.
 
-Integrity: every write goes to a temporary file in the target directory and is renamed
-into place, so an interrupted stage leaves nothing half-written. HDF5 files carry a
-512-byte user block holding a magic string and the SHA-256 of everything after it; the
-hash is checked before h5py opens the file, so a corrupted file is a clean `ArtifactError`,
-never a crash inside the HDF5 library. Scores carry per-tensor SHA-256s in `cwa.sha256`,
-verified whenever a whole tensor is read. Nothing is ever unpickled.
+Writing. Every write goes through `atomic_path`: a temporary file
+`.{name}.{pid}.{random}.tmp` in the target directory, renamed into place, so an
+interrupted stage leaves nothing half-written. Around that one mechanism:
+
+- Faults of the file system (no space, quota, read-only, permission, file too large, I/O
+  error) while writing any artifact, JSON or text file, including safetensors' own write
+  errors caused by them, become one `CwaError` line naming the path and the fix; the
+  temporary file is removed and a file already at the path is left as it was. HDF5
+  files are built in memory (h5py's core driver, no backing store) and written with
+  ordinary Python I/O, so the HDF5 library never sees a full disk (it used to crash).
+- Temporary files whose owner died without cleaning up (SIGKILL, power loss) are
+  removed by the next write into that directory: the owner's pid is in the name and
+  the owner holds an advisory lock on the file while it lives, so a file is removed
+  only when that pid is gone and nobody holds the lock (another host on a shared file
+  system holds it).
+- What is at the target must be a regular file (or nothing): a directory, FIFO, device,
+  socket or symbolic link is refused (`UsageError`) before any work, and so is a path
+  under an existing file. A primary artifact (`-o`) never replaces a file that is not a
+  cwa artifact (a user's own model or notes); replacing another cwa result says so on
+  stderr. `check_output` runs these checks up front; `resolve_output` and
+  `atomic_path` run them too.
+
+Reading. HDF5 files carry a 512-byte user block holding a magic string and the SHA-256 of
+everything after it; the hash is checked before h5py opens the file, so a corrupted file
+is a clean `ArtifactError`, never a crash inside the HDF5 library. Reading is bounded by
+what cwa writes: uncompressed, contiguous datasets no larger than the file, so a small
+file cannot expand into gigabytes. Scores carry per-tensor SHA-256s in `cwa.sha256`,
+verified whenever a whole tensor is read and, streamed, on every cache hit (`cached`):
+a damaged cached artifact is recomputed with a note. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
+import itertools
 import json
 import os
+import re
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
@@ -29,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from cwa import __version__
+from cwa.console import log
 from cwa.errors import ArtifactError, CwaError, UsageError
 
 SCORES_SCHEMA = "scores/1"
@@ -98,25 +126,116 @@ def dumps(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
 
 
+# --------------------------------------------------------------------------- writing
+
+
+# errno of a write the user can fix by freeing space or choosing another path
+_WRITE_FAULTS = {
+    errno.ENOSPC: "no space left on device while writing{need}; free space or choose another output path",
+    errno.EFBIG: "file too large for this file system{need}; choose another output path",
+    errno.EROFS: "the file system is read-only; choose another output path",
+    errno.EACCES: "permission denied writing in {dir}; choose another output path or fix its permissions",
+    errno.EPERM: "operation not permitted writing in {dir}; choose another output path or fix its permissions",
+    errno.EIO: "input/output error while writing (the storage failed); check the disk or choose another output path",
+}
+if hasattr(errno, "EDQUOT"):
+    _WRITE_FAULTS[errno.EDQUOT] = (
+        "disk quota exceeded while writing{need}; free space or choose another output path"
+    )
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust (safetensors) reports errno
+
+
+def _write_fault(e: BaseException) -> int | None:
+    """The errno of a file-system fault behind `e` (an OSError, or an error of a library
+    such as safetensors that reports "(os error N)"), or None."""
+    if isinstance(e, OSError):
+        return e.errno if e.errno in _WRITE_FAULTS else None
+    if isinstance(e, Exception):
+        m = _OS_ERROR_IN_TEXT.search(str(e))
+        if m and int(m.group(1)) in _WRITE_FAULTS:
+            return int(m.group(1))
+    return None
+
+
+def _human(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1024
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    return ""  # pragma: no cover
+
+
+def _fault_error(target: Path, code: int, size: int | None) -> CwaError:
+    directory = target.parent if str(target.parent) else Path(".")
+    need = ""
+    if code in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)) and size:
+        need = f"{_human(size)} needed"
+        with contextlib.suppress(OSError):
+            import shutil
+
+            need += f", {_human(shutil.disk_usage(_existing_dir(directory)).free)} free"
+        need = f" ({need})"
+    return CwaError(f"{target}: " + _WRITE_FAULTS[code].format(need=need, dir=directory))
+
+
+def _existing_dir(p: Path) -> Path:
+    """`p` or its nearest existing ancestor."""
+    for q in (p, *p.parents):
+        if q.is_dir():
+            return q
+    return Path(".")
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(
+    target: str | os.PathLike, *, size: int | None = None, artifact: bool = False
+) -> Iterator[Path]:
     """Yield a temporary path next to `target`; rename it onto `target` on success,
-    delete it on any failure (including KeyboardInterrupt / SystemExit)."""
+    delete it on any failure (including KeyboardInterrupt / SystemExit).
+
+    Before anything is created, `target` is checked like `check_output` (with
+    `artifact`: an existing file must be a cwa artifact). A file-system fault while
+    writing (full disk, quota, read-only, permission, file too large, I/O error) is
+    raised as one `CwaError` line naming the path and the fix; `size`, the bytes the
+    write needs, goes into that line. Stale temporary files of dead processes in the
+    target directory are removed first (see `_remove_stale_temps`).
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    _check_target(target, str(target), artifact=artifact)
+    fd = -1
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(target.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name[:180]}.{os.getpid()}.", suffix=".tmp", dir=target.parent
+        )
+    except OSError as e:
+        code = _write_fault(e)
+        if code is None:
+            raise
+        raise _fault_error(target, code, size) from e
+    _hold_lock(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        os.fsync(fd)  # fsync flushes the file, whichever descriptor wrote it
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are ordinary files
         os.replace(tmp_path, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # first: an open descriptor keeps the space of an unlinked file
+        fd = -1
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
-        raise
+        code = _write_fault(e)
+        if code is None:
+            raise
+        raise _fault_error(target, code, size) from e
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _umask() -> int:
@@ -125,9 +244,90 @@ def _umask() -> int:
     return mask
 
 
+# .{name}.{pid}.{8 random characters of mkstemp}.tmp
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def _hold_lock(fd: int) -> None:
+    """Hold an advisory lock on our temporary file while this process lives (the kernel
+    drops it when the process dies, however it dies)."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ImportError, OSError):
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we can check: keep the file
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _remove_stale_temps(directory: Path) -> list[Path]:
+    """Remove `.NAME.PID.XXXXXXXX.tmp` files in `directory` left by a process that is
+    gone (killed before it could clean up); returns what was removed.
+
+    A file is removed only when its pid is not a live process here and nobody holds its
+    lock (its owner, possibly on another host sharing the directory, keeps one while it
+    writes). POSIX only; failures are ignored (this is housekeeping)."""
+    removed: list[Path] = []
+    if os.name != "posix":
+        return removed
+    try:
+        import fcntl
+
+        entries = list(os.scandir(directory))
+    except (ImportError, OSError):
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner is alive somewhere
+            except OSError:
+                pass  # no locks on this file system: the pid decides
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _write_bytes(path: Path, *parts: bytes | bytearray | memoryview) -> None:
+    """Write `parts` into `path` with ordinary Python I/O (a full disk is an OSError)."""
+    with open(path, "wb") as f:
+        for p in parts:
+            f.write(p)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    data = text.encode("utf-8")
+    with atomic_path(path, size=len(data)) as tmp:
+        _write_bytes(tmp, data)
     return Path(path)
 
 
@@ -140,11 +340,164 @@ def default_output(stage: str, fingerprint: str, ext: str, out_dir: Path | None 
     return Path(out_dir or DEFAULT_OUT_DIR) / f"{stage}-{fingerprint[:16]}{ext}"
 
 
+# --------------------------------------------------------------------------- output checks
+
+_SPECIAL = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_output(
+    path: str | os.PathLike,
+    flag: str = "-o",
+    *,
+    artifact: bool | None = None,
+    ext: str | None = None,
+) -> Path:
+    """Refuse, before any work, an output path cwa must not write (`UsageError`, exit 2,
+    naming `flag` and the path): an existing directory, FIFO, device, socket or symbolic
+    link; a path under an existing file (`-o a.h5/x.h5`: a.h5 is a file). With
+    `artifact` (default: for `-o`/`--output`, the primary artifact), an existing
+    non-empty file must be a cwa artifact (HDF5 with cwa's user block, safetensors with
+    a cwa schema, a cwa JSON report); anything else — a user's model.safetensors or
+    notes.txt — is never overwritten. A directory where nothing can be written
+    (read-only file system, no permission) is a `CwaError` (exit 1) now rather than after
+    the computation. Returns the path."""
+    path = Path(path)
+    if artifact is None:
+        artifact = flag in ("-o", "--output")
+    label = f"{flag} {path}" if flag else str(path)
+    kind = _check_target(path, label, artifact=artifact, ext=ext)
+    if kind is None:
+        _check_writable_dir(path)
+    return path
+
+
+def _check_target(path: Path, label: str, *, artifact: bool, ext: str | None = None) -> str | None:
+    """The checks of `check_output` except writability; returns what is at `path`
+    (`_sniff`), or None when nothing is there."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError:
+        return None  # unreadable here: let the write report it
+    if st is None:
+        _check_parents(path, label)
+        return None
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        raise UsageError(
+            f"{label}: is a symbolic link; cwa does not write through links, give the path of a regular file"
+        )
+    if stat.S_ISDIR(mode):
+        hint = f" ending in {ext}" if ext else ""
+        raise UsageError(f"{label}: is a directory; give a file path{hint}")
+    for test, what in _SPECIAL:
+        if test(mode):
+            raise UsageError(f"{label}: is {what}, not a regular file; choose another output path")
+    kind = _sniff(path)
+    if artifact and kind == "foreign":
+        raise UsageError(f"{label}: exists and is not a cwa artifact; choose another output path")
+    return kind
+
+
+def _check_parents(path: Path, label: str) -> None:
+    for parent in path.parents:  # nearest first
+        try:
+            pst = os.stat(parent)
+        except NotADirectoryError:
+            continue  # a file further up; found below
+        except FileNotFoundError:
+            if os.path.islink(parent):
+                raise UsageError(f"{label}: {parent} is a broken symbolic link; choose another output path") from None
+            continue
+        except OSError:
+            return
+        if not stat.S_ISDIR(pst.st_mode):
+            raise UsageError(f"{label}: {parent} is a file, not a directory; choose another output path")
+        return
+
+
+def _check_writable_dir(path: Path) -> None:
+    """A CwaError now when nothing can be created in the directory `path` would go in."""
+    d = _existing_dir(path.parent if str(path.parent) else Path("."))
+    code = None
+    with contextlib.suppress(OSError, AttributeError):
+        if os.statvfs(d).f_flag & os.ST_RDONLY:
+            code = errno.EROFS
+    if code is None and not os.access(d, os.W_OK | os.X_OK):
+        code = errno.EACCES
+    if code is not None:
+        raise _fault_error(path, code, None)
+
+
+def _sniff(path: Path) -> str:
+    """What a regular file is: "empty", "h5" (cwa's HDF5 user block), "scores" (a
+    safetensors file whose header names a cwa schema, intact or not), "json" (a cwa JSON
+    report) or "foreign" (anything else). Reads at most the header."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty"
+        with open(path, "rb") as f:
+            head = f.read(max(len(_MAGIC), 8))
+            if head.startswith(_MAGIC):
+                return "h5"
+            if head[:1] == b"{":
+                f.seek(0)
+                text = f.read(4 << 20)
+                return "json" if b'"cwa_version"' in text or b'"fingerprint"' in text else "foreign"
+            if len(head) >= 8:
+                (n,) = struct.unpack("<Q", head[:8])
+                f.seek(8)
+                header = f.read(min(n, size - 8, 100 << 20))
+                if b'"cwa.schema"' in header:
+                    return "scores"
+    except OSError:
+        pass
+    return "foreign"
+
+
+# --------------------------------------------------------------------------- reading
+
+
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise ArtifactError(f"{path}: no such file")
     if path.is_dir():
         raise ArtifactError(f"{path}: is a directory, expected an artifact file")
+    if not path.is_file():  # a FIFO would block the read forever
+        raise ArtifactError(f"{path}: is not a regular file, expected an artifact file")
+
+
+def _held_fingerprint(path: Path) -> str | None:
+    """The fingerprint of the cwa result at `path`: "" when it cannot be read (damaged),
+    None when there is nothing (no file, an empty one)."""
+    try:
+        kind = _sniff(path) if path.is_file() else None
+    except OSError:
+        return None
+    if kind in (None, "empty"):
+        return None
+    try:
+        if kind == "h5":
+            return read_h5(path).fingerprint
+        if kind == "scores":
+            return open_scores(path).fingerprint
+    except Exception:
+        return ""
+    return ""
+
+
+def _note_replaced(path: Path, held: str | None, fingerprint: str | None) -> None:
+    """The SPEC's note when a primary artifact replaced another result (not for a
+    damaged file, already reported by `cached`, nor for a recompute of the same one)."""
+    if held and held != (fingerprint or ""):
+        log(f"note: replaced {path} (it held another result)")
 
 
 # --------------------------------------------------------------------------- scores
@@ -180,9 +533,13 @@ def write_scores(
             "cwa.score_dtype": dtype,
         }
     )
-    with atomic_path(path) as tmp:
-        save_file(out, str(tmp), metadata=md)
-    return Path(path)
+    path = Path(path)
+    held = _held_fingerprint(path)
+    size = sum(t.numel() * t.element_size() for t in out.values()) + len(json.dumps(md))
+    with atomic_path(path, size=size, artifact=True) as tmp:
+        save_file(out, str(tmp), metadata=md)  # its I/O errors say "(os error N)"
+    _note_replaced(path, held, md.get("cwa.fingerprint"))
+    return path
 
 
 def _tensor_sha(t) -> str:
@@ -375,6 +732,32 @@ class ScoresFile:
             self._check_hash(name, _tensor_sha(t))
         return t.to(torch.float32)
 
+    def verify(self) -> None:
+        """Check every tensor against its recorded SHA-256 (`ArtifactError` on the first
+        mismatch or truncation), streaming the raw bytes through one 16 MB buffer;
+        tensors without a recorded hash are skipped. What a cache hit checks."""
+        buf = None
+        with open(self.path, "rb", buffering=0) as f:
+            for name in self.names:
+                if name in self._verified or self._hash_of(name) is None:
+                    continue
+                if not self._readable(name):
+                    self.get(name)  # verified on the way
+                    continue
+                _, begin, end = self.layout[name]
+                if buf is None:
+                    buf = memoryview(bytearray(1 << 24))
+                h = hashlib.sha256()
+                f.seek(begin)
+                left = end - begin
+                while left:
+                    n = f.readinto(buf[: min(left, len(buf))])
+                    if not n:
+                        raise ArtifactError(f"{self.path}: tensor {name!r} is truncated")
+                    h.update(buf[:n])
+                    left -= n
+                self._check_hash(name, h.hexdigest())
+
     def chunks(
         self, name: str, chunk_elems: int = 1 << 24, verify: bool = True
     ) -> Iterator[tuple[int, Any]]:
@@ -516,39 +899,79 @@ def write_h5(
     arrays: dict[str, Any],
     doc: Any = None,
 ) -> Path:
-    """Write an HDF5 artifact atomically with the SHA-256 user block."""
+    """Write an HDF5 artifact atomically with the SHA-256 user block.
+
+    The file is built in memory and written with ordinary Python I/O (see the module
+    docstring): a full disk is one `CwaError` line, never a crash of the HDF5 library."""
+    path = Path(path)
+    image = _H5Image(_h5_image(schema, attrs, arrays, doc))
+    held = _held_fingerprint(path)
+    with atomic_path(path, size=_USERBLOCK + len(image.body), artifact=True) as tmp:
+        _seal_userblock(image)
+        _write_bytes(tmp, image.block, image.body)
+    fp = attrs.get("fingerprint")
+    _note_replaced(path, held, fp if isinstance(fp, str) else None)
+    return path
+
+
+_IMAGE_IDS = itertools.count()
+
+
+def _h5_image(schema: str, attrs: dict[str, Any], arrays: dict[str, Any], doc: Any) -> bytes:
+    """The HDF5 file as bytes, built with h5py's core driver without a backing store
+    (nothing touches the disk). The image starts at the superblock: the 512-byte user
+    block goes in front of it (HDF5 finds the superblock at offset 512 and takes that
+    as the file's base address)."""
     import h5py
     import numpy as np
 
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", userblock_size=_USERBLOCK) as f:
-            f.attrs["cwa.schema"] = schema
-            f.attrs["cwa.version"] = __version__
-            f.attrs["cwa.created"] = now_iso()
-            for k, v in attrs.items():
-                if isinstance(v, dict | list | tuple) or v is None:
-                    v = json.dumps(json_safe(v))
-                f.attrs[k] = v
-            if doc is not None:
-                f.attrs["cwa.doc"] = dumps(doc, indent=None)
-            for name, arr in arrays.items():
-                arr = np.asarray(arr)
-                if arr.dtype.kind in "UO":
-                    arr = np.array([str(x) for x in arr.ravel()], dtype=h5py.string_dtype())
-                f.create_dataset(name, data=arr)
-        _seal_userblock(tmp)
-    return Path(path)
+    name = f"cwa-image-{os.getpid()}-{next(_IMAGE_IDS)}.h5"  # a name only; no file
+    with h5py.File(name, "w", driver="core", backing_store=False, block_size=1 << 20) as f:
+        f.attrs["cwa.schema"] = schema
+        f.attrs["cwa.version"] = __version__
+        f.attrs["cwa.created"] = now_iso()
+        for k, v in attrs.items():
+            if isinstance(v, dict | list | tuple) or v is None:
+                v = json.dumps(json_safe(v))
+            f.attrs[k] = v
+        if doc is not None:
+            f.attrs["cwa.doc"] = dumps(doc, indent=None)
+        for k, arr in arrays.items():
+            arr = np.asarray(arr)
+            if arr.dtype.kind in "UO":
+                arr = np.array([str(x) for x in arr.ravel()], dtype=h5py.string_dtype())
+            f.create_dataset(k, data=arr)
+        f.flush()
+        return f.id.get_file_image()
 
 
-def _seal_userblock(path: Path) -> None:
+@dataclass
+class _H5Image:
+    """An HDF5 file in memory: `body` (from the superblock on) and, once sealed, the
+    user `block` that goes in front of it."""
+
+    body: bytes
+    block: bytes = b""
+
+
+def _userblock(digest: str) -> bytes:
+    return (_MAGIC + digest.encode() + b"\n").ljust(_USERBLOCK, b"\0")
+
+
+def _seal_userblock(target: Path | _H5Image) -> None:
+    """Write the magic and the SHA-256 of everything after the user block into the user
+    block: of an in-memory image (`write_h5`; hashed in memory), or of an HDF5 file on
+    disk created with `userblock_size=512` (in place; for hand-built files in tests)."""
+    if isinstance(target, _H5Image):
+        target.block = _userblock(hashlib.sha256(target.body).hexdigest())
+        return
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(target, "rb") as f:
         f.seek(_USERBLOCK)
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    block = (_MAGIC + h.hexdigest().encode() + b"\n").ljust(_USERBLOCK, b"\0")
-    with open(path, "rb+") as f:
-        f.write(block)
+    with open(target, "rb+") as f:
+        f.write(_userblock(h.hexdigest()))
 
 
 def _verify_userblock(path: Path) -> None:
@@ -567,28 +990,86 @@ def _verify_userblock(path: Path) -> None:
         )
 
 
-def read_h5(path: str | os.PathLike, expect: str | tuple[str, ...] | None = None) -> H5Artifact:
-    """Verify and read a whole HDF5 artifact."""
+_STRING_SLICE = 64  # variable-length strings read this many at a time (see _read_dataset)
+
+
+def _storage_check(path: Path, what: str, n: int, itemsize: int, file_size: int) -> None:
+    if n * max(itemsize, 1) > file_size:
+        raise ArtifactError(
+            f"{path}: {what} declares {n * max(itemsize, 1)} bytes, more than the file holds "
+            f"({file_size}); not a valid cwa artifact, recompute it with --force"
+        )
+
+
+def _read_dataset(path: Path, name: str, obj: Any, file_size: int) -> Any:
+    """A dataset's values, refused before reading (`ArtifactError` naming it) unless it is
+    stored the way cwa writes: uncompressed, contiguous (or compact), in this file, and
+    no larger than the file. Variable-length strings are read a few at a time and stop
+    at the file's size, so a file cannot expand into more memory than it holds."""
     import h5py
     import numpy as np
+
+    dcpl = obj.id.get_create_plist()
+    if (
+        dcpl.get_layout() not in (h5py.h5d.CONTIGUOUS, h5py.h5d.COMPACT)
+        or dcpl.get_nfilters()
+        or dcpl.get_external_count()
+    ):
+        raise ArtifactError(
+            f"{path}: dataset {name!r} is stored compressed, chunked or outside the file, which cwa "
+            "never writes; not a valid cwa artifact, recompute it with --force"
+        )
+    if obj.shape is None:  # an empty dataspace
+        return obj[()]
+    _storage_check(path, f"dataset {name!r}", obj.size, obj.dtype.itemsize, file_size)
+    string = obj.dtype.kind == "O" or h5py.check_string_dtype(obj.dtype) is not None
+    if obj.dtype.kind != "O" or obj.ndim == 0:  # fixed-size values: bounded by the check above
+        a = obj[()]
+        if string:
+            a = np.array([x.decode() if isinstance(x, bytes) else x for x in np.ravel(a)])
+        return a
+    per_row = max(1, obj.size // max(1, obj.shape[0]))
+    rows = max(1, _STRING_SLICE // per_row)
+    out: list[Any] = []
+    total = 0
+    for i in range(0, obj.shape[0], rows):
+        for x in np.ravel(obj[i : i + rows]):
+            total += len(x) if isinstance(x, str | bytes) else int(getattr(x, "nbytes", 0))
+            out.append(x.decode() if isinstance(x, bytes) else x)
+        if total > file_size:
+            raise ArtifactError(
+                f"{path}: dataset {name!r} holds more string data than the file; not a valid "
+                "cwa artifact, recompute it with --force"
+            )
+    return np.array(out)
+
+
+def read_h5(path: str | os.PathLike, expect: str | tuple[str, ...] | None = None) -> H5Artifact:
+    """Verify and read a whole HDF5 artifact (bounded: see `_read_dataset`)."""
+    import math
+
+    import h5py
 
     path = Path(path)
     _check_exists(path)
     _verify_userblock(path)
+    file_size = path.stat().st_size
     arrays: dict[str, Any] = {}
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+            attrs = {}
+            for k in f.attrs:
+                aid = f.attrs.get_id(k)
+                n = 0 if aid.shape is None else math.prod(aid.shape)
+                _storage_check(path, f"attribute {k!r}", n, aid.dtype.itemsize, file_size)
+                attrs[k] = _attr(f.attrs[k])
 
             def visit(name: str, obj: Any) -> None:
                 if isinstance(obj, h5py.Dataset):
-                    a = obj[()]
-                    if obj.dtype.kind == "O" or h5py.check_string_dtype(obj.dtype):
-                        a = np.array([x.decode() if isinstance(x, bytes) else x for x in np.ravel(a)])
-                    arrays[name] = a
+                    arrays[name] = _read_dataset(path, name, obj, file_size)
 
             f.visititems(visit)
-    except OSError as e:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
         raise ArtifactError(f"{path}: unreadable HDF5 file: {e}") from None
     schema = str(attrs.pop("cwa.schema", ""))
     if expect is not None:
@@ -599,7 +1080,12 @@ def read_h5(path: str | os.PathLike, expect: str | tuple[str, ...] | None = None
             )
     doc = attrs.pop("cwa.doc", None)
     if isinstance(doc, str):
-        doc = json.loads(doc)
+        try:
+            doc = json.loads(doc)
+        except ValueError:
+            raise ArtifactError(f"{path}: malformed cwa.doc (not JSON); recompute it with --force") from None
+    elif doc is not None:
+        raise ArtifactError(f"{path}: malformed cwa.doc (not a JSON string); recompute it with --force")
     return H5Artifact(path=path, schema=schema, attrs=attrs, arrays=arrays, doc=doc)
 
 
@@ -728,13 +1214,64 @@ def provenance(art: H5Artifact) -> dict[str, Any]:
 
 
 def cached(path: Path, fingerprint: str, opener: Callable[[Path], str]) -> bool:
-    """True when `path` exists, opens cleanly and carries `fingerprint`."""
-    if not path.exists():
+    """True when `path` holds an intact cwa artifact carrying `fingerprint`.
+
+    Verifies what it would reuse: `opener` reads the fingerprint (an HDF5 opener goes
+    through `read_h5`, whose user-block hash covers the whole file), and a scores file
+    then has every tensor checked against its recorded SHA-256, streamed. A damaged cwa
+    artifact (hash mismatch, truncation, bad header) is logged as "note: PATH is damaged
+    (reason); recomputing" and is not a hit, so the stage rewrites it; an intact one of
+    another fingerprint or kind is not a hit either (the write notes the replacement).
+    Something at `path` that is not a cwa artifact, or not a regular file, is refused
+    (`UsageError`): it is never overwritten."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return False
+    kind = _check_target(path, str(path), artifact=True)
+    if kind in (None, "empty"):
         return False
     try:
-        return opener(path) == fingerprint
+        got = opener(path)
+    except UsageError:
+        raise
     except CwaError:
+        problem = _damage(path, kind)
+        if problem:
+            log(f"note: {path} is damaged ({problem}); recomputing")
         return False
+    if got != fingerprint:
+        return False
+    if kind == "scores":
+        try:
+            open_scores(path).verify()
+        except CwaError as e:
+            log(f"note: {path} is damaged ({_reason(path, e)}); recomputing")
+            return False
+    return True
+
+
+def _damage(path: Path, kind: str) -> str | None:
+    """Why the cwa artifact at `path` is damaged, or None when it is intact on its own
+    terms (then it is merely another kind of result)."""
+    try:
+        if kind == "h5":
+            read_h5(path)
+        elif kind == "scores":
+            open_scores(path).verify()
+    except CwaError as e:
+        return _reason(path, e)
+    return None
+
+
+def _reason(path: Path, e: Exception) -> str:
+    """An error line without its path prefix and "recompute it" advice."""
+    msg = str(e)
+    prefix = f"{path}: "
+    if msg.startswith(prefix):
+        msg = msg[len(prefix):]
+    for advice in ("; recompute it with --force", ", recompute it with --force"):
+        msg = msg.replace(advice, "")
+    return msg
 
 
 def scores_fingerprint_of(path: Path) -> str:
@@ -748,9 +1285,10 @@ def h5_fingerprint_of(path: Path) -> str:
 def resolve_output(
     output: str | os.PathLike | None, stage: str, fingerprint: str, ext: str
 ) -> Path:
+    """The primary artifact's path: `-o` or the default name under ./cwa-out/, checked
+    with `check_output` (a directory, special file, link or non-cwa file is refused)."""
     if output is None:
-        return default_output(stage, fingerprint, ext)
-    p = Path(output)
-    if p.exists() and p.is_dir():
-        raise UsageError(f"-o {p}: is a directory; give a file path ending in {ext}")
-    return p
+        p = default_output(stage, fingerprint, ext)
+        check_output(p, "", artifact=True, ext=ext)
+        return p
+    return check_output(Path(output), "-o", artifact=True, ext=ext)

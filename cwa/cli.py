@@ -1,15 +1,16 @@
 """The `cwa` command line: wires the subcommands and maps errors to one-line messages.
 
 Library errors (`cwa.errors`) become one line on stderr with exit code 2 (usage) or 1
-(run-time failure); set CWA_DEBUG=1 for the traceback. SIGTERM is turned into an
-exception so that an interrupted stage removes its temporary file like on Ctrl-C.
+(run-time failure); any other exception escaping a command becomes one line too
+("error: TypeName: message"), exit code 1. Set CWA_DEBUG=1 (or true/yes/on) for the
+traceback (`cwa.console.debug_enabled`). SIGTERM and Ctrl-C (`cwa.stop`) raise at once
+and leave a pending-stop flag that the long loops check, so an interrupted stage removes
+its temporary file and exits 130 with one line.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import signal
 import sys
 
 import typer
@@ -23,6 +24,10 @@ from cwa.commands.rank import rank_cmd
 from cwa.commands.run import run_cmd
 from cwa.commands.score import score_cmd
 from cwa.commands.stability import stability_cmd
+from cwa.console import debug_enabled
+from cwa.stop import Terminated, handling
+
+__all__ = ["Terminated", "app", "main"]
 
 app = typer.Typer(
     name="cwa",
@@ -40,9 +45,41 @@ app = typer.Typer(
 
 
 
+def _one_line(text) -> str:
+    """A message's lines joined by spaces (blank lines dropped)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _error_line(e: BaseException) -> str:
+    """The one stderr line for an exception: a CwaError's message, else the type and the
+    message of an unexpected one (multi-line messages, e.g. torch's, are joined)."""
+    from cwa.errors import CwaError
+
+    if isinstance(e, CwaError):
+        return f"error: {_one_line(e)}"
+    msg = _one_line(e)
+    what = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return f"error: {what} (set CWA_DEBUG=1 for the traceback)"
+
+
+def _passthrough() -> tuple[type[BaseException], ...]:
+    """Exceptions a command may raise on purpose (exit codes, aborts, parser errors; typer's
+    and click's `Exit`/`Abort` derive from RuntimeError), and a broken stdout pipe, which
+    typer ends quietly with exit code 1 (`cwa score | head -0`)."""
+    types: list[type[BaseException]] = [typer.Exit, typer.Abort, BrokenPipeError, *_parse_errors()]
+    try:
+        import click
+
+        types += [click.exceptions.Exit, click.exceptions.Abort]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
 def _mapped(fn):
-    """Map library errors to one stderr line and an exit code, inside the command, so the
-    console script and `typer.testing.CliRunner` behave the same."""
+    """Map errors to one stderr line and an exit code, inside the command, so the console
+    script and `typer.testing.CliRunner` behave the same: a CwaError exits with its code,
+    any other exception with 1 (CWA_DEBUG on: the exception propagates, traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -51,16 +88,19 @@ def _mapped(fn):
         try:
             return fn(*args, **kwargs)
         except CwaError as e:
-            if _debug():
+            if debug_enabled():
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(_error_line(e), file=sys.stderr)
             raise typer.Exit(e.exit_code) from None
+        except _passthrough():
+            raise
+        except Exception as e:
+            if debug_enabled():
+                raise
+            print(_error_line(e), file=sys.stderr)
+            raise typer.Exit(1) from None
 
     return wrapper
-
-
-def _debug() -> bool:
-    return os.environ.get("CWA_DEBUG", "") not in ("", "0")
 
 
 for _name, _fn in [
@@ -77,22 +117,19 @@ for _name, _fn in [
     app.command(_name)(_mapped(_fn))
 
 
-class Terminated(BaseException):
-    """Raised by the SIGTERM handler so `finally` blocks clean up temporary files."""
-
-
-def _on_sigterm(signum, frame):  # pragma: no cover - exercised by a subprocess test
-    raise Terminated()
-
-
 _INTERRUPTED = "error: interrupted; no partial artifact was left"
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console script: SIGTERM / Ctrl-C handlers (`cwa.stop.handling`) around the app."""
+    with handling():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     from cwa.errors import CwaError
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    debug = _debug()
+    debug = debug_enabled()
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc:
@@ -102,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     except CwaError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(_error_line(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, Terminated):
         print(_INTERRUPTED, file=sys.stderr)
@@ -118,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(e.exit_code)
         if debug:
             raise
-        print(f"error: {type(e).__name__}: {e} (set CWA_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(_error_line(e), file=sys.stderr)
         sys.exit(1)
 
 

@@ -2,17 +2,30 @@
 
 `log()` writes to stderr; `progress()` returns a rich progress bar on stderr (quiet when
 stderr is not a terminal, so pipelines and CI logs stay clean); `emit()` prints an
-artifact path on stdout.
+artifact path on stdout. `debug_enabled()` reads `CWA_DEBUG`, the one switch that shows
+tracebacks. A progress bar's `advance()` is also a stop point (`cwa.stop.check_stop()`),
+so every loop that reports progress ends at its next step after SIGTERM / Ctrl-C.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 
+from cwa.stop import check_stop
+
 _verbose = False
+
+_DEBUG_ON = ("1", "true", "yes", "on")
+
+
+def debug_enabled() -> bool:
+    """Whether `CWA_DEBUG` asks for tracebacks: 1/true/yes/on (any case, surrounding
+    spaces ignored) turn it on; anything else (unset, empty, 0/false/no/off, typos) is off."""
+    return os.environ.get("CWA_DEBUG", "").strip().lower() in _DEBUG_ON
 
 
 def set_verbose(v: bool) -> None:
@@ -32,13 +45,15 @@ def emit(path) -> None:
 
 @contextlib.contextmanager
 def progress(description: str, total: int, unit: str = "windows") -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr; yields `advance(n)`. Shows the rate in `unit`/s."""
+    """A progress bar on stderr; yields `advance(n)`. Shows the rate in `unit`/s.
+    `advance` raises a pending stop (SIGTERM / Ctrl-C) after counting the step."""
     if not sys.stderr.isatty():
         start = time.perf_counter()
         done = [0]
 
         def advance(n: int) -> None:
             done[0] += n
+            check_stop()
 
         yield advance
         if _verbose:
@@ -67,5 +82,6 @@ def progress(description: str, total: int, unit: str = "windows") -> Iterator[Ca
             dt = time.perf_counter() - start
             rate = f"{done[0] / dt:.1f} {unit}/s" if dt > 0 else ""
             bar.update(task, advance=n, rate=rate)
+            check_stop()
 
         yield advance

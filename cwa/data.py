@@ -20,6 +20,10 @@ Sampling: `--calib-samples N` draws N calibration windows without replacement wi
 generator `(data_seed, "data", 0)`; evaluation windows are drawn once with `(0, "eval", 0)`,
 independent of `--seed`, so every seed and condition is evaluated on the same windows.
 Indices are sorted ascending and recorded in artifacts.
+
+Bytes for `bits_per_byte` (evaluation windows from text; `.npy` windows have none): each
+window carries the number of UTF-8 bytes of the text its target tokens add, counted in
+the document they come from (see `count_window_bytes`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,15 +44,21 @@ DEFAULT_SEQ_LEN = 256
 
 @dataclass
 class Windows:
-    """Token windows `[N, T]` (int64) with the indices they have in their source."""
+    """Token windows `[N, T]` (int64) with the indices they have in their source.
+
+    `window_bytes` ([N] int64): the UTF-8 bytes of the text each window's targets add
+    (`count_window_bytes`); what `bits_per_byte` divides by. `byte_lengths` ([V]) is the
+    older per-token table (`byte_lengths()`), used only when `window_bytes` is None (it is
+    exact for byte-level tokenizers only). Both None: no `bits_per_byte`."""
 
     ids: Any  # torch.LongTensor [N, T]
     indices: list[int]
     source: str
     has_bos: bool
     n_available: int
-    byte_lengths: Any = None  # np.ndarray [V] or None (no bits_per_byte)
+    byte_lengths: Any = None  # np.ndarray [V] or None
     fingerprint: str = field(default="")
+    window_bytes: Any = None  # np.ndarray [N] or None
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
@@ -100,8 +112,9 @@ def read_documents(spec: str) -> list[str]:
 
 
 def _read_text(p: Path) -> str:
+    """UTF-8 text; a leading byte order mark (as Windows editors write) is dropped."""
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UsageError(f"--data {p}: not UTF-8 text") from None
     except OSError as e:
@@ -110,7 +123,11 @@ def _read_text(p: Path) -> str:
 
 def _read_jsonl(p: Path) -> list[str]:
     docs = []
-    for i, line in enumerate(_read_text(p).splitlines(), 1):
+    # Records end at "\n" only: str.splitlines() would also cut at U+2028, U+0085 and
+    # other characters that JSON allows unescaped inside a string. A byte order mark
+    # that starts a line (files concatenated) is dropped like the file's first one.
+    for i, line in enumerate(_read_text(p).split("\n"), 1):
+        line = line.lstrip("\ufeff")
         if not line.strip():
             continue
         try:
@@ -143,74 +160,206 @@ def _read_hf(spec: str) -> list[str]:
     return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
 
 
-def read_npy(spec: str, seq_len: int | None, vocab_size: int | None):
+def read_npy(
+    spec: str,
+    seq_len: int | None,
+    vocab_size: int | None,
+    context: int | None = None,
+    label: str = "--data",
+    width_from: str = "--seq-len",
+):
+    """The windows of a `.npy` file, checked against `--seq-len` (or the width the other
+    data source set, named by `width_from`), the model's context and its vocabulary."""
     import numpy as np
     import torch
 
     p = Path(spec)
     if not p.exists():
-        raise UsageError(f"--data {spec}: no such file")
+        raise UsageError(f"{label} {spec}: no such file")
     try:
         arr = np.load(p, allow_pickle=False)
     except Exception as e:
-        raise UsageError(f"--data {spec}: not a readable .npy array ({e})") from None
+        raise UsageError(f"{label} {spec}: not a readable .npy array ({e})") from None
     if arr.ndim != 2 or arr.dtype.kind not in "iu":
         raise UsageError(
-            f"--data {spec}: expected an integer array [N, seq_len], got {arr.dtype} {arr.shape}"
+            f"{label} {spec}: expected an integer array [N, seq_len], got {arr.dtype} {arr.shape}"
         )
     if arr.shape[0] == 0 or arr.shape[1] < 2:
-        raise UsageError(f"--data {spec}: needs at least one window of 2 or more tokens")
-    if seq_len is not None and arr.shape[1] != seq_len:
-        raise UsageError(f"--data {spec}: windows have width {arr.shape[1]} but --seq-len is {seq_len}")
+        raise UsageError(f"{label} {spec}: needs at least one window of 2 or more tokens")
+    width = int(arr.shape[1])
+    if context is not None and width > context:
+        raise UsageError(
+            f"{label} {spec}: windows have width {width} but the model's context is {context} "
+            f"tokens; give windows of at most {context} tokens"
+        )
+    if seq_len is not None and width != seq_len:
+        raise UsageError(f"{label} {spec}: windows have width {width} but {width_from} is {seq_len}")
     if arr.min() < 0 or (vocab_size is not None and arr.max() >= vocab_size):
-        raise UsageError(f"--data {spec}: token ids outside the vocabulary [0, {vocab_size})")
+        raise UsageError(f"{label} {spec}: token ids outside the vocabulary [0, {vocab_size})")
     return torch.from_numpy(arr.astype(np.int64))
 
 
 # --------------------------------------------------------------------------- windows
 
 
-def make_windows(docs: list[str], tokenizer, seq_len: int):
-    """Cut documents into windows `[N, seq_len]` (see module docstring)."""
-    import torch
+@dataclass
+class TokenStream:
+    """Documents tokenized without special tokens, joined with EOS into one stream."""
 
+    docs: list[list[int]]  # the token ids of each document
+    starts: list[int]  # the stream index of each document's first token
+    ids: list[int]  # the stream
+
+
+def tokenize_stream(docs: list[str], tokenizer) -> TokenStream:
     eos = tokenizer.eos_token_id
-    bos = tokenizer.bos_token_id
-    enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    enc = [list(x) for x in tokenizer(docs, add_special_tokens=False)["input_ids"]]
     stream: list[int] = []
+    starts: list[int] = []
     for i, ids in enumerate(enc):
         if i and eos is not None:
             stream.append(eos)
+        starts.append(len(stream))
         stream.extend(ids)
-    body = seq_len - 1 if bos is not None else seq_len
-    n = len(stream) // body
-    t = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+    return TokenStream(enc, starts, stream)
+
+
+def _body_len(tokenizer, seq_len: int) -> int:
+    """Stream tokens per window: one position goes to BOS when the tokenizer has one."""
+    return seq_len - 1 if tokenizer.bos_token_id is not None else seq_len
+
+
+def make_windows(docs: list[str], tokenizer, seq_len: int, stream: TokenStream | None = None):
+    """Cut documents into windows `[N, seq_len]` (see module docstring)."""
+    import torch
+
+    st = tokenize_stream(docs, tokenizer) if stream is None else stream
+    bos = tokenizer.bos_token_id
+    body = _body_len(tokenizer, seq_len)
+    n = len(st.ids) // body
+    t = torch.tensor(st.ids[: n * body], dtype=torch.long).view(n, body)
     if bos is not None:
         t = torch.cat([torch.full((n, 1), bos, dtype=torch.long), t], dim=1)
     return t
 
 
-def byte_lengths(tokenizer):
-    """UTF-8 byte length of each token id's text (special tokens 0), for bits_per_byte.
+# Tokens of the document decoded before a span whose bytes are counted (see
+# count_window_bytes); the decoders in use only treat the first token of a string apart.
+_CONTEXT = 4
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
-    Byte-level BPE (GPT-2, Llama 3, Pythia) maps every character of a token string to one
-    byte, so the length of the token string is exact; other tokenizers use the decoded
-    text of the token alone (`<0xNN>` byte-fallback pieces count one byte)."""
-    import re
 
+def count_window_bytes(stream: TokenStream, tokenizer, seq_len: int, windows, table=None, byte_level=None):
+    """UTF-8 bytes of the text that the target tokens of each window in `windows` (indices
+    into `make_windows(..., stream=stream)`) add; `[len(windows)]` int64.
+
+    "The text the targets add" is what decoding them appends to the decoded text of
+    everything before them *in their document* (special tokens such as BOS and EOS add
+    none; no `clean_up_tokenization_spaces`). Counting in the document, not the window,
+    decides the cases at a window's start:
+
+    - BOS is a special token: it adds no text (and is never a target).
+    - A SentencePiece piece `▁word` (Llama-2, Mistral, Gemma) that begins a window in the
+      middle of a document adds " word": the space is a byte of the document and the
+      model predicts it, as part of the token. Decoding the window alone would lose it,
+      since SentencePiece decoders strip the leading space of a decoded string; so did the
+      per-token table cwa used before, which decoded each token alone (so bits_per_byte
+      came out too high: x1.26 on the SentencePiece tokenizer of the tests).
+    - The same piece at the start of a document adds "word": that space was put there by
+      the tokenizer (`add_dummy_prefix`, Metaspace `prepend_scheme`), it is not in the
+      document, and decoding the document strips it. It does not count.
+    - Without BOS a window's first token is context, not a target: its text does not count.
+
+    So with BOS the windows cut from a stream count every byte of their documents' decoded
+    text once (without BOS, all but the first token's of each window).
+
+    Byte-level tokenizers (GPT-2, Llama 3, Pythia: every token is a fixed byte string) sum
+    the per-token table `byte_lengths` (`table` and `byte_level`, when given, save building
+    the table and inspecting the tokenizer again). Others decode each
+    document span after `_CONTEXT` tokens of the document before it and take the
+    difference of the two decoded lengths; byte-fallback pieces `<0x80>`..`<0xFF>` (the
+    bytes of a character that has no piece) are first replaced by the one-byte piece
+    `<0x41>`, so that a character cut by a window boundary does not decode to U+FFFD: each
+    of its bytes counts in the window holding its byte token, as with byte-level tokens."""
+    import bisect
+
+    import numpy as np
+
+    body = _body_len(tokenizer, seq_len)
+    skip = 0 if tokenizer.bos_token_id is not None else 1  # the first token of a window is context
+    out = np.zeros(len(windows), dtype=np.int64)
+    if byte_level is None:
+        byte_level = _is_byte_level(tokenizer)
+    if byte_level:
+        tab = byte_lengths(tokenizer, byte_level=True) if table is None else table
+        for r, k in enumerate(windows):
+            ids = stream.ids[k * body + skip : (k + 1) * body]
+            out[r] = int(tab[np.minimum(np.asarray(ids, dtype=np.int64), len(tab) - 1)].sum())
+        return out
+
+    remap = _byte_piece_placeholders(tokenizer)
+    docs: dict[int, list[int]] = {}
+
+    def doc(i: int) -> list[int]:
+        if i not in docs:
+            d = stream.docs[i]
+            docs[i] = [remap.get(t, t) for t in d] if remap else d
+        return docs[i]
+
+    def n_bytes(ids: list[int]) -> int:
+        if not ids:
+            return 0
+        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return len(text.encode("utf-8"))
+
+    for r, k in enumerate(windows):
+        a, b = k * body + skip, (k + 1) * body  # the window's targets: stream[a:b]
+        i = max(0, bisect.bisect_right(stream.starts, a) - 1)
+        total = 0
+        while i < len(stream.starts) and stream.starts[i] < b:
+            s = stream.starts[i]
+            lo, hi = max(a, s) - s, min(b, s + len(stream.docs[i])) - s
+            if lo < hi:
+                d = doc(i)
+                c = max(0, lo - _CONTEXT)
+                total += n_bytes(d[c:hi]) - n_bytes(d[c:lo])
+            i += 1
+        out[r] = total
+    return out
+
+
+def _byte_piece_placeholders(tokenizer) -> dict[int, int]:
+    """Byte-fallback pieces `<0x80>`..`<0xFF>` -> the id of `<0x41>` ("A"), when the
+    vocabulary has byte pieces; else {}."""
+    vocab = tokenizer.get_vocab()
+    a = vocab.get("<0x41>")
+    if a is None:
+        return {}
+    return {i: a for tok, i in vocab.items() if (m := _BYTE_PIECE.fullmatch(tok)) and int(m.group(1), 16) >= 0x80}
+
+
+def byte_lengths(tokenizer, byte_level: bool | None = None):
+    """UTF-8 byte length of each token id's text (special tokens 0), decoded alone.
+
+    Exact for byte-level BPE (GPT-2, Llama 3, Pythia), which maps every character of a
+    token string to one byte; `count_window_bytes` uses it for them. For other tokenizers
+    a token's text depends on its neighbours (a SentencePiece `▁word` decodes to "word"
+    alone, " word" within a text), so this table is only an approximation there
+    (`<0xNN>` byte-fallback pieces count one byte)."""
     import numpy as np
 
     vocab = tokenizer.get_vocab()
     n = max(len(tokenizer), max(vocab.values()) + 1)
     out = np.zeros(n, dtype=np.int64)
     special = set(tokenizer.all_special_ids)
-    byte_level = _is_byte_level(tokenizer)
+    if byte_level is None:
+        byte_level = _is_byte_level(tokenizer)
     for tok, i in vocab.items():
         if i in special:
             continue
         if byte_level:
             out[i] = len(tok)
-        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
+        elif _BYTE_PIECE.fullmatch(tok):
             out[i] = 1
         else:
             out[i] = len(tokenizer.convert_tokens_to_string([tok]).encode("utf-8"))
@@ -218,6 +367,8 @@ def byte_lengths(tokenizer):
 
 
 def _is_byte_level(tokenizer) -> bool:
+    if hasattr(tokenizer, "byte_encoder") and not hasattr(tokenizer, "backend_tokenizer"):
+        return True  # a slow byte-level BPE tokenizer (GPT2Tokenizer and its kind)
     try:
         state = json.loads(tokenizer.backend_tokenizer.to_str())
     except Exception:
@@ -270,6 +421,20 @@ class DataSplit:
     seq_len: int
 
 
+@dataclass
+class _Part:
+    """All windows of one source: their ids, whether they start with BOS, and how to count
+    the bytes of their targets (None: `.npy` windows, whose text is unknown)."""
+
+    ids: Any
+    has_bos: bool
+    bytes_of: Callable[[list[int]], Any] | None = None
+
+    def take(self, idx: list[int], source: str, n_available: int) -> Windows:
+        nb = None if self.bytes_of is None else self.bytes_of(idx)
+        return Windows(self.ids[idx], idx, source, self.has_bos, n_available, window_bytes=nb)
+
+
 def prepare_data(
     tokenizer,
     config,
@@ -286,21 +451,37 @@ def prepare_data(
     """Calibration and evaluation windows for a stage (see module docstring).
 
     `calib_samples` / `eval_samples` None means all available windows."""
-    seq = resolve_seq_len(seq_len, model_context(config))
+    context = model_context(config)
     vocab = getattr(config, "vocab_size", None)
     has_bos = tokenizer.bos_token_id is not None
+    npy_data = data is not None and data.endswith(".npy")
+    if npy_data:
+        # the file's width is the window length: checked (against --seq-len and the
+        # model's context) with the file named, before anything else
+        allw = read_npy(data, seq_len, vocab, context)
+        seq = int(allw.shape[1])
+    else:
+        seq = resolve_seq_len(seq_len, context)
+    table: dict = {}  # whether the tokenizer is byte-level, and its table: found once
 
-    def from_docs(docs, label):
-        w = make_windows(docs, tokenizer, seq)
+    def from_docs(docs, label) -> _Part:
+        stream = tokenize_stream(docs, tokenizer)
+        w = make_windows(docs, tokenizer, seq, stream=stream)
         if w.shape[0] == 0:
             raise UsageError(
                 f"{label}: too little text for one window of {seq} tokens; use a shorter --seq-len"
             )
-        return w
+
+        def bytes_of(idx):
+            if not table:
+                table["byte_level"] = bl = _is_byte_level(tokenizer)
+                table["table"] = byte_lengths(tokenizer, byte_level=True) if bl else None
+            return count_window_bytes(stream, tokenizer, seq, idx, table["table"], table["byte_level"])
+
+        return _Part(w, has_bos, bytes_of)
 
     calib_all = eval_all = None
     calib_src = eval_src = ""
-    npy = False
     if data is None:
         from cwa import assets
 
@@ -309,12 +490,9 @@ def prepare_data(
             calib_all = from_docs(assets.split_documents("calibration"), calib_src)
         if need_eval and eval_data is None:
             eval_all = from_docs(assets.split_documents("evaluation"), eval_src)
-    elif data.endswith(".npy"):
-        npy = True
-        allw = read_npy(data, seq_len, vocab)
-        seq = allw.shape[1]
+    elif npy_data:
         calib_src = eval_src = data
-        calib_all, eval_all = _split_windows(allw, eval_data is None)
+        calib_all, eval_all = _split_windows(_Part(allw, False), eval_data is None)
     else:
         docs = read_documents(data)
         calib_src = eval_src = data
@@ -328,33 +506,37 @@ def prepare_data(
     if eval_data is not None and need_eval:
         eval_src = eval_data
         if eval_data.endswith(".npy"):
-            eval_all = read_npy(eval_data, seq, vocab)
-            npy = True
+            width_from = (
+                f"the width of the --data windows ({data})" if npy_data
+                else "--seq-len" if seq_len is not None else "the default --seq-len"
+            )
+            eval_all = _Part(read_npy(eval_data, seq, vocab, context, "--eval-data", width_from), False)
         else:
             eval_all = from_docs(read_documents(eval_data), f"--eval-data {eval_data}")
 
-    bl = None if npy else byte_lengths(tokenizer)
     calib = ev = None
     if need_calib:
-        n = calib_all.shape[0]
+        n = calib_all.ids.shape[0]
         idx = list(range(n)) if calib_samples is None else sample_indices(n, calib_samples, data_seed, "data", "calib")
-        calib = Windows(calib_all[idx], idx, calib_src, has_bos and not npy, n, bl)
+        calib = calib_all.take(idx, calib_src, n)
     if need_eval:
-        n = eval_all.shape[0]
+        n = eval_all.ids.shape[0]
         idx = list(range(n)) if eval_samples is None else sample_indices(n, eval_samples, 0, "eval", "eval")
-        ev = Windows(eval_all[idx], idx, eval_src, has_bos and not npy, n, bl)
+        ev = eval_all.take(idx, eval_src, n)
     return DataSplit(calib, ev, seq)
 
 
-def _split_windows(w, split: bool):
+def _split_windows(part: _Part, split: bool) -> tuple[_Part, _Part | None]:
     """Calibration / evaluation windows of one source: the last 10% evaluate."""
     if not split:
-        return w, None
-    n = w.shape[0]
+        return part, None
+    n = part.ids.shape[0]
     if n < 2:
         raise UsageError(
             f"need at least 2 windows to split calibration from evaluation, found {n}; "
             "give --eval-data or a shorter --seq-len"
         )
-    n_eval = max(1, math.ceil(0.1 * n))
-    return w[: n - n_eval], w[n - n_eval :]
+    cut = n - max(1, math.ceil(0.1 * n))
+    count = part.bytes_of
+    tail = None if count is None else (lambda idx: count([cut + i for i in idx]))
+    return _Part(part.ids[:cut], part.has_bos, count), _Part(part.ids[cut:], part.has_bos, tail)

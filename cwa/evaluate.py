@@ -4,8 +4,11 @@ against a kept baseline pass, the exact KL divergence and top-1 agreement.
 - `nll`: mean token NLL (nats) over all targets of all windows (float32 log-softmax,
   accumulated in float64);
 - `perplexity` = exp(nll); `token_accuracy`: fraction of targets where argmax = target;
-- `bits_per_byte`: summed NLL in bits over the UTF-8 bytes of the target tokens' text
-  (null for `.npy` token windows, whose text is unknown);
+- `bits_per_byte`: summed NLL in bits over the summed UTF-8 bytes of the text the target
+  tokens add, `windows.window_bytes` (counted in context by `cwa.data.count_window_bytes`;
+  a window's first target is not decoded alone, which would lose a SentencePiece word's
+  leading space). Null for `.npy` token windows, whose text is unknown. Windows built by
+  hand with only the per-token table `windows.byte_lengths` sum the table over targets;
 - `kl_from_baseline` = mean over targets of KL(p_baseline || p_perturbed), exact: the
   baseline's log-probabilities are kept (in memory up to `budget_bytes`, in a
   memory-mapped temporary file beyond it) so a baseline pass is computed once and reused
@@ -72,11 +75,16 @@ def evaluate(
     ids_all = windows.ids
     n, t = ids_all.shape
     device = next(model.parameters()).device
-    bl = None if windows.byte_lengths is None else torch.as_tensor(windows.byte_lengths)
+    wb = getattr(windows, "window_bytes", None)
+    if wb is not None:
+        wb = np.asarray(wb, dtype=np.int64)
+        if wb.shape != (n,):
+            raise ValueError(f"window_bytes has shape {wb.shape}, expected ({n},)")
+    bl = None if wb is not None or windows.byte_lengths is None else torch.as_tensor(windows.byte_lengths)
     per_window = np.zeros(n, dtype=np.float64)
     total_nll = 0.0
     correct = 0
-    total_bytes = 0
+    total_bytes = int(wb.sum()) if wb is not None else 0
     kl_sum = 0.0
     agree = 0
     cache = None
@@ -120,7 +128,7 @@ def evaluate(
         "nll": nll_mean,
         "perplexity": _exp(nll_mean),
         "token_accuracy": correct / n_tok,
-        "bits_per_byte": (total_nll / math.log(2) / total_bytes) if (bl is not None and total_bytes) else None,
+        "bits_per_byte": (total_nll / math.log(2) / total_bytes) if total_bytes > 0 else None,
         "n_tokens": n_tok,
         "n_windows": n,
     }

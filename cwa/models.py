@@ -6,17 +6,42 @@ Models are always returned in `eval()` mode (no dropout) with every parameter fr
 Second-order metrics need double backward, which fused attention kernels lack, so
 `second_order=True` loads eager attention.
 
-The model fingerprint identifies the *stored* model: parameter names, shapes and stored
-dtypes plus a fixed strided sample of parameter bytes (and the hub revision when known),
-read from the checkpoint's safetensors files when there are any, so the dtype the model
-is loaded in does not change it (that is recorded separately). It costs a few reads even
-for an 8B model.
+Loading is strict. A checkpoint that lacks a weight the architecture needs, holds one it
+does not use, or stores one in another shape is an error naming the tensors, never a model
+with randomly initialised parts (transformers' default is a logged warning). Pickle
+checkpoints (`pytorch_model.bin`, ...) are refused unless `allow_pickle=True`, and are then
+read with `torch.load(weights_only=True)`, which rebuilds tensors and plain containers only;
+when safetensors files are present a pickle is never opened.
+
+A hub id is resolved in the local Hugging Face cache: its revision (branch, tag or commit,
+default "main") names one commit through `refs/<name>`, and the model is loaded from that
+commit's snapshot, so the tokenizer, config and weights come from one commit and a tag and
+its commit are the same model.
+
+The model fingerprint identifies the *stored* model, so that an edited checkpoint is never
+a cache hit: the commit of a hub model; for each weight file transformers loads (the
+safetensors files, else the pickle files, or the .gguf file) its name and the SHA-256 of
+its full content, and the tensor names, shapes and stored dtypes of a safetensors header;
+and the SHA-256 of config.json (an edited config runs the same weights differently). The
+dtype the model is loaded in is not part of it; it is recorded separately. (The first
+version hashed a strided sample of 512 bytes per tensor and missed edits of the others.)
+
+Cost: a file is read once at the speed of SHA-256 (0.5-0.8 GB/s on one shared core of the
+development machine: 20-30 s for 16 GB), then its hash is memoized in a small user cache
+keyed by (real path, size, mtime_ns, inode), so an unchanged checkpoint is hashed once, not
+per run. A hub snapshot costs no read at all: the cache stores each large (LFS) file as
+`blobs/<sha256 of its content>`, so the blob's name is the hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +49,26 @@ from cwa.errors import CwaError, UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-_SAMPLES_PER_TENSOR = 64
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+FINGERPRINT_VERSION = "cwa-model/2"
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_READ_SIZE = 8 << 20  # large reads: SHA-256, not the system calls, sets the pace
+_MAX_HEADER = 100 << 20  # safetensors' own limit on a header's size
+_RACY_NS = 2_000_000_000  # see file_sha256
+_MEMO_MAX = 4096  # entries in the hash memo; the oldest go first
 
 
 class LoadedModel:
     """A model handle: tokenizer, config and fingerprint at once, the weights on first use
-    of `.model` (so a cache hit never loads an 8B model)."""
+    of `.model` (so a cache hit never loads an 8B model).
 
-    def __init__(self, loader, tokenizer, config, name, fingerprint, dtype, device, revision, source):
+    `revision` is what the user asked for, `commit` the hub commit it resolved to (None
+    for a local directory, a .gguf file or the embedded model)."""
+
+    def __init__(self, loader, tokenizer, config, name, fingerprint, dtype, device, revision, source,
+                 commit=None, checkpoint=None):
         self._loader = loader
         self._model = None
         self.tokenizer = tokenizer
@@ -41,7 +78,9 @@ class LoadedModel:
         self.dtype = dtype
         self.device = device
         self.revision = revision
+        self.commit = commit
         self.source = source
+        self._checkpoint = checkpoint
 
     @property
     def model(self):
@@ -51,8 +90,12 @@ class LoadedModel:
 
     @property
     def fingerprint(self) -> str:
+        """Known at load time, except for a hub model whose weights were not downloaded yet:
+        loading downloads them into the snapshot, then the files are hashed as usual."""
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model, None, self.revision)
+            m = self.model
+            fp = checkpoint_fingerprint(self._checkpoint, self.commit) if self._checkpoint else None
+            self._fingerprint = fp or model_fingerprint(m, commit=self.commit)
         return self._fingerprint
 
     @property
@@ -66,6 +109,7 @@ class LoadedModel:
             "dtype": self.dtype,
             "device": self.device,
             "revision": self.revision,
+            "commit": self.commit,
             "source": self.source,
             "model_type": getattr(self.config, "model_type", None),
         }
@@ -106,6 +150,19 @@ def embedded_dir() -> Path:
     return Path(assets.MODEL_DIR)
 
 
+@dataclass
+class _Source:
+    """Where a --model value points: what transformers is given and where the files are."""
+
+    kind: str  # embedded | local | gguf | hub
+    name: str  # the model's name in artifacts (what the user passed)
+    load_from: str  # the first argument of from_pretrained
+    folder: Path | None  # the checkpoint folder (hub: the snapshot); None while not downloaded
+    gguf: Path | None = None
+    revision: str | None = None  # given to transformers (hub: the commit once resolved)
+    commit: str | None = None
+
+
 def load_model(
     model: str | None = None,
     *,
@@ -116,74 +173,46 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | None = None,
     lazy: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
-    """Load model + tokenizer; one clear `CwaError` when it cannot be loaded."""
-    import torch  # noqa: F401
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load model + tokenizer; one clear `CwaError` when it cannot be loaded, a `UsageError`
+    when the request is wrong (an unknown revision, a pickle checkpoint without
+    `allow_pickle`)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stderr carries cwa's own progress, not loader bars
     hf_logging.set_verbosity_error()
     dev = resolve_device(device)
     dtype_name, tdtype = resolve_dtype(dtype, dev)
+    src = _locate(model, revision)
+    tok, config = _tokenizer_and_config(src, model, trust_remote_code)
+    if src.kind == "hub" and src.folder is None:  # downloaded just now (online): resolve again
+        found = hub_snapshot(src.name, revision)
+        if found:
+            src.commit, src.folder = found
+            src.revision = src.commit
+
     kwargs: dict[str, Any] = {"dtype": tdtype, "trust_remote_code": trust_remote_code}
+    kwargs.update(_weight_kwargs(src, allow_pickle))
+    if src.revision:
+        kwargs["revision"] = src.revision
     if second_order:
         kwargs["attn_implementation"] = "eager"
     if device_map:
         kwargs["device_map"] = device_map
 
-    if model is None or model in ("embedded", "cwa-embedded-gpt2"):
-        from cwa import assets
-
-        assets.verify_model()  # the committed files, checked against their SHA-256
-        path, source, name = embedded_dir(), "embedded", assets.EMBEDDED_MODEL_NAME
-        load_from, tok_kwargs = str(path), {}
-    elif model.endswith(".gguf"):
-        p = Path(model)
-        if not p.is_file():
-            raise CwaError(f"--model {model}: no such GGUF file")
-        try:
-            import gguf  # noqa: F401
-        except ImportError:
-            raise CwaError(f"--model {model}: GGUF needs the 'gguf' package (pip install 'cwa[gguf]')") from None
-        path, source, name = p, "gguf", model
-        load_from = str(p.parent)
-        kwargs["gguf_file"] = p.name
-        tok_kwargs = {"gguf_file": p.name}
-    elif Path(model).exists():
-        path, source, name = Path(model), "local", model
-        if not path.is_dir():
-            raise CwaError(f"--model {model}: expected a model directory (HF format) or a .gguf file")
-        if not (path / "config.json").is_file():
-            raise CwaError(
-                f"--model {model}: not a model directory (no config.json); pass a directory "
-                "saved with save_pretrained, a hub id or a .gguf file"
-            )
-        load_from, tok_kwargs = str(path), {}
-    elif _looks_like_path(model):
-        raise CwaError(f"--model {model}: cannot load it (no such directory)")
-    else:
-        path, source, name = None, "hub", model
-        load_from, tok_kwargs = model, {}
-        if revision:
-            kwargs["revision"] = revision
-            tok_kwargs["revision"] = revision
-
-    try:
-        if source == "gguf":
-            tok = _gguf_tokenizer(path, trust_remote_code)
-        else:
-            tok = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code, **tok_kwargs)
-        cfg_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "gguf_file", "trust_remote_code")}
-        config = AutoConfig.from_pretrained(load_from, **cfg_kwargs)
-    except Exception as e:  # the loaders raise many types (OSError, ValueError, SafetensorError, ...)
-        raise CwaError(_load_error(model, source, e)) from None
-
     def loader():
+        from transformers import AutoModelForCausalLM
+
         try:
-            m = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
+            # ignore_mismatched_sizes: transformers would raise a RuntimeError that points at
+            # a log report cwa silences; the shapes are checked (and named) just below.
+            m, info = AutoModelForCausalLM.from_pretrained(
+                src.load_from, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
         except Exception as e:  # SafetensorError, UnpicklingError (refused .bin pickles), ...
-            raise CwaError(_load_error(model, source, e)) from None
+            raise CwaError(_load_error(model, src.kind, e)) from None
+        _check_complete(src.name, info)
         if not device_map:
             m.to(dev)
         m.eval()
@@ -191,15 +220,208 @@ def load_model(
             p.requires_grad_(False)
         return m
 
-    if source == "gguf":
-        fp = gguf_fingerprint(path)
+    if src.gguf is not None:
+        fp = gguf_fingerprint(src.gguf)
     else:
-        ckpt = _checkpoint_dir(source, path, load_from, revision)
-        fp = checkpoint_fingerprint(ckpt, revision) if ckpt is not None else None
-    handle = LoadedModel(loader, tok, config, name, fp, dtype_name, dev, revision, source)
+        fp = checkpoint_fingerprint(src.folder, src.commit) if src.folder is not None else None
+    handle = LoadedModel(loader, tok, config, src.name, fp, dtype_name, dev, revision, src.kind,
+                         commit=src.commit, checkpoint=src.folder)
     if not lazy:
         handle.model  # noqa: B018 - load now
     return handle
+
+
+def _locate(model: str | None, revision: str | None) -> _Source:
+    """Classify the --model value and check it exists; hub ids are resolved in the cache."""
+    if model is None or model in ("embedded", "cwa-embedded-gpt2"):
+        from cwa import assets
+
+        _no_revision(revision, model or "embedded", "the embedded model")
+        assets.verify_model()  # the committed files, checked against their SHA-256
+        d = embedded_dir()
+        return _Source("embedded", assets.EMBEDDED_MODEL_NAME, str(d), d)
+    if model.endswith(".gguf"):
+        p = Path(model)
+        _no_revision(revision, model, "a .gguf file")
+        if not p.is_file():
+            raise CwaError(f"--model {model}: no such GGUF file")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise CwaError(f"--model {model}: GGUF needs the 'gguf' package (pip install 'cwa[gguf]')") from None
+        return _Source("gguf", model, str(p.parent), None, gguf=p)
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise CwaError(f"--model {model}: expected a model directory (HF format) or a .gguf file")
+        _no_revision(revision, model, "a local directory")
+        if not (path / "config.json").is_file():
+            raise CwaError(
+                f"--model {model}: not a model directory (no config.json); pass a directory "
+                "saved with save_pretrained, a hub id or a .gguf file"
+            )
+        return _Source("local", model, str(path), path)
+    if _looks_like_path(model):
+        raise CwaError(f"--model {model}: cannot load it (no such directory)")
+    return _locate_hub(model, revision)
+
+
+def _no_revision(revision: str | None, model: str, what: str) -> None:
+    if revision is not None:
+        raise UsageError(
+            f"--revision {revision}: --revision applies to hub ids only, and --model {model} is "
+            f"{what}; drop --revision"
+        )
+
+
+def _locate_hub(model: str, revision: str | None) -> _Source:
+    """The cached snapshot of `revision`; offline, a revision that is not cached is an error
+    (a UsageError when the repository is cached and the name is simply not one of its refs)."""
+    found = hub_snapshot(model, revision)
+    if found:
+        commit, snap = found
+        return _Source("hub", model, model, snap, revision=commit, commit=commit)
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        return _Source("hub", model, model, None, revision=revision)  # transformers downloads it
+    refs = hub_refs(model)
+    if revision is not None and refs is not None:
+        raise UsageError(
+            f"--revision {revision}: no branch, tag or commit of that name is in the local cache of "
+            f"{model} (cached: {', '.join(refs) or 'none'}); download it first "
+            f"(hf download {model} --revision {revision}) or pick a cached one"
+        )
+    at = f" at revision {revision}" if revision else ""
+    raise CwaError(
+        f"--model {model}: it is not available offline{at} — download it first "
+        f"(hf download {model}) or pass a local directory"
+    )
+
+
+def _hub_repo_dir(repo_id: str) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> tuple[str, Path] | None:
+    """(commit, snapshot folder) of `revision` (branch, tag or commit; default "main") of
+    hub model `repo_id` in the local cache, None when it is not there.
+
+    Read from the cache's documented layout (`refs/<name>` holds a commit,
+    `snapshots/<commit>/` its files) rather than with `snapshot_download(local_files_only=
+    True)`, which refuses a snapshot that lacks files cwa does not need (e.g. the TF and
+    Flax weights of a repository downloaded with a filter)."""
+    repo = _hub_repo_dir(repo_id)
+    rev = revision or "main"
+    if _COMMIT.fullmatch(rev):
+        commit = rev
+    else:
+        try:
+            commit = (repo / "refs" / rev).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+    snap = repo / "snapshots" / commit
+    return (commit, snap) if _COMMIT.fullmatch(commit) and snap.is_dir() else None
+
+
+def hub_refs(repo_id: str) -> list[str] | None:
+    """The branch and tag names cached for `repo_id`, None when the repository is not cached."""
+    repo = _hub_repo_dir(repo_id)
+    if not repo.is_dir():
+        return None
+    refs = repo / "refs"
+    if not refs.is_dir():
+        return []
+    return sorted(str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file())
+
+
+def _tokenizer_and_config(src: _Source, model: str | None, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        if src.gguf is not None:
+            tok = _gguf_tokenizer(src.gguf, trust_remote_code)
+            config = AutoConfig.from_pretrained(src.load_from, gguf_file=src.gguf.name,
+                                                trust_remote_code=trust_remote_code)
+        else:
+            kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+            if src.revision:
+                kw["revision"] = src.revision
+            tok = AutoTokenizer.from_pretrained(src.load_from, **kw)
+            config = AutoConfig.from_pretrained(src.load_from, **kw)
+    except Exception as e:  # the loaders raise many types (OSError, ValueError, SafetensorError, ...)
+        if type(e).__name__ == "RevisionNotFoundError":  # online, and the hub has no such revision
+            raise UsageError(
+                f"--revision {src.revision}: {src.name} has no branch, tag or commit of that name"
+            ) from None
+        raise CwaError(_load_error(model, src.kind, e)) from None
+    return tok, config
+
+
+def _weight_kwargs(src: _Source, allow_pickle: bool) -> dict[str, Any]:
+    """from_pretrained options that decide which weight files are read: safetensors when there
+    are any; a pickle only with `allow_pickle`, and only with `weights_only=True`."""
+    if src.gguf is not None:
+        return {"gguf_file": src.gguf.name}
+    kind, files = weight_files(src.folder) if src.folder is not None else (None, [])
+    if kind == "pickle" and not allow_pickle:
+        raise UsageError(
+            f"--model {src.name}: holds only a pickle checkpoint ({_few([f.name for f in files])}); "
+            "cwa never unpickles files: convert it to safetensors "
+            "(model.save_pretrained(dir, safe_serialization=True)) or pass --allow-pickle"
+        )
+    if kind == "pickle":
+        use_safetensors = False
+    elif kind == "safetensors" or not allow_pickle:  # not downloaded yet: safetensors or nothing
+        use_safetensors = True
+    else:
+        use_safetensors = None
+    return {"use_safetensors": use_safetensors, "weights_only": True}
+
+
+def _check_complete(name: str, info: dict) -> None:
+    """Refuse a model that transformers completed with random weights or loaded partly.
+
+    transformers already leaves out what is legitimately absent or extra: tied weights
+    (GPT-2's lm_head is wte), non-persistent buffers, and its per-architecture ignore lists
+    (GPT-2's stored `attn.bias` masks, old `rotary_emb.inv_freq` buffers)."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or (), key=str)
+    errors = [str(e) for e in info.get("error_msgs") or ()]
+    problems = []
+    if missing:
+        problems.append(
+            f"checkpoint is missing {len(missing)} weight(s) the architecture needs: {_few(missing)}"
+        )
+    if mismatched:
+        shapes = [_mismatch(m) for m in mismatched]
+        problems.append(
+            f"{len(mismatched)} weight(s) have another shape than the architecture needs: {_few(shapes)}"
+        )
+    if unexpected:
+        problems.append(
+            f"checkpoint holds {len(unexpected)} weight(s) the architecture has no place for: "
+            f"{_few(unexpected)}"
+        )
+    if errors:
+        problems.append(f"its weights did not load ({errors[0].strip().splitlines()[0][:200]})")
+    if problems:
+        why = ("refusing to run on randomly initialised weights" if missing or mismatched
+               else "the checkpoint does not match its config.json")
+        raise CwaError(f"--model {name}: " + "; ".join(problems) + f"; {why}")
+
+
+def _mismatch(m) -> str:
+    if isinstance(m, (tuple, list)) and len(m) == 3:
+        return f"{m[0]} (checkpoint {list(m[1])}, model {list(m[2])})"
+    return str(m)
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 # A tokenizer.json beside a .gguf wins over the GGUF's own vocabulary in transformers'
@@ -210,8 +432,6 @@ _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def _gguf_tokenizer(p: Path, trust_remote_code: bool):
     """The tokenizer a GGUF file describes, loaded with that file alone in view."""
-    import tempfile
-
     from transformers import AutoTokenizer
 
     def load(folder: str):
@@ -244,99 +464,206 @@ def _load_error(model: str | None, source: str, e: Exception) -> str:
     if source == "hub":
         return (
             f"--model {model}: cannot load it ({msg[:200]}); it is not available offline — "
-            "download it first (huggingface-cli download) or pass a local directory"
+            "download it first (hf download) or pass a local directory"
         )
     return f"--model {model or 'embedded'}: cannot load it ({msg[:200]})"
 
 
-def _checkpoint_dir(source: str, path: Path | None, load_from: str, revision: str | None) -> Path | None:
-    if source in ("embedded", "local"):
-        return path
-    if source == "hub":
-        try:
-            from huggingface_hub import snapshot_download
+# --------------------------------------------------------------------------- fingerprints
 
-            return Path(snapshot_download(load_from, revision=revision, local_files_only=True))
-        except Exception:
-            return None
-    return None
+
+def weight_files(folder: Path) -> tuple[str | None, list[Path]]:
+    """("safetensors" | "pickle" | None, files): the weight files transformers would load from
+    `folder` — `model.safetensors` or the shards its index names, else the same for
+    `pytorch_model.bin`, else whatever files of that kind are there."""
+    if not folder.is_dir():
+        return None, []
+    st = _named_weights(folder, "model.safetensors") or sorted(folder.glob("*.safetensors"))
+    if st:
+        return "safetensors", st
+    pk = _named_weights(folder, "pytorch_model.bin") or sorted(
+        p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
+    )
+    return ("pickle", pk) if pk else (None, [])
+
+
+def _named_weights(folder: Path, single: str) -> list[Path]:
+    if (folder / single).is_file():
+        return [folder / single]
+    index = folder / f"{single}.index.json"
+    if not index.is_file():
+        return []
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CwaError(
+            f"--model: {index} is not a valid weight index; the checkpoint is corrupt "
+            "(download or save it again)"
+        ) from None
+    return [folder / s for s in shards]
+
+
+def checkpoint_fingerprint(checkpoint_dir: Path, commit: str | None = None) -> str | None:
+    """Fingerprint of the model stored in `checkpoint_dir` (see the module docstring); None
+    when it holds no weight files."""
+    kind, files = weight_files(checkpoint_dir)
+    if not files:
+        return None
+    h = hashlib.sha256(f"{FINGERPRINT_VERSION}|commit={commit}\n".encode())
+    for f in files:
+        if kind == "safetensors":  # the header first: a corrupt file fails before it is read
+            for name, (shape, dtype) in sorted(_safetensors_header(f).items()):
+                h.update(f"{name}|{shape}|{dtype}\n".encode())
+        h.update(f"file={f.name}|{kind}|sha256={_file_hash(f)}\n".encode())
+    cfg = checkpoint_dir / "config.json"
+    if cfg.is_file():
+        h.update(f"config.json|sha256={_file_hash(cfg)}\n".encode())
+    return h.hexdigest()
 
 
 def gguf_fingerprint(path: Path) -> str:
-    """Fingerprint of a GGUF file: its size, its first MiB (header, metadata, tensor table)
-    and a fixed strided sample of 8-byte reads over the rest."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(f"gguf|{size}\n".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        step = max(1, size // 4096)
-        for off in range(1 << 20, size, step):
-            f.seek(off)
-            h.update(f.read(8))
-    return h.hexdigest()
+    """Fingerprint of a GGUF file: the SHA-256 of its full content (header, metadata and
+    every tensor are in the one file)."""
+    return hashlib.sha256(f"{FINGERPRINT_VERSION}|gguf|sha256={_file_hash(path)}\n".encode()).hexdigest()
 
 
-def checkpoint_fingerprint(checkpoint_dir: Path, revision: str | None = None) -> str | None:
-    """Fingerprint from the checkpoint's safetensors files, None when it has none."""
-    files = sorted(checkpoint_dir.glob("*.safetensors")) if checkpoint_dir.is_dir() else []
-    if not files:
-        return None
-    h = hashlib.sha256()
-    h.update(f"revision={revision}\n".encode())
-    for f in files:
-        _hash_safetensors_sample(f, h)
-    return h.hexdigest()
-
-
-def model_fingerprint(model, checkpoint_dir: Path | None = None, revision: str | None = None) -> str:
-    """Fingerprint of the stored model (see module docstring); falls back to the loaded
-    parameters (GGUF, .bin checkpoints)."""
+def model_fingerprint(model, checkpoint_dir: Path | None = None, commit: str | None = None) -> str:
+    """Fingerprint of the stored model (see module docstring); falls back to the full bytes
+    of the loaded parameters and buffers when there are no files to hash (then the loaded
+    dtype does show in it: it is all there is)."""
     if checkpoint_dir is not None:
-        fp = checkpoint_fingerprint(checkpoint_dir, revision)
+        fp = checkpoint_fingerprint(checkpoint_dir, commit)
         if fp is not None:
             return fp
     import torch
 
-    h = hashlib.sha256()
-    h.update(f"revision={revision}\n".encode())
-    for name, p in model.state_dict().items():
-        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}\n".encode())
-        flat = p.detach().reshape(-1)
-        if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_TENSOR, flat.numel())).long()
-            h.update(flat[idx].float().cpu().numpy().tobytes())
+    h = hashlib.sha256(f"{FINGERPRINT_VERSION}|loaded|commit={commit}\n".encode())
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
-def _hash_safetensors_sample(path: Path, h) -> None:
+def _file_hash(path: Path) -> str:
     try:
-        _hash_header_and_sample(path, h)
-    except (ValueError, KeyError, TypeError):  # JSONDecodeError, UnicodeDecodeError included
+        return file_sha256(path)
+    except OSError as e:
+        raise CwaError(
+            f"--model: cannot read {path} ({e.strerror or e}); the checkpoint is incomplete "
+            "(download or save it again)"
+        ) from None
+
+
+def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, stored dtype) from a safetensors header, which is all that is read."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= min(size - 8, _MAX_HEADER):  # never trust a length from a corrupt file
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+        return {k: (tuple(int(x) for x in v["shape"]), str(v["dtype"]))
+                for k, v in header.items() if k != "__metadata__"}
+    except OSError as e:
+        raise CwaError(f"--model: cannot read {path} ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError):  # JSONDecodeError, UnicodeDecodeError included
         raise CwaError(
             f"--model: {path} is not a valid safetensors file; the checkpoint is corrupt or "
             "incomplete (download or save it again)"
         ) from None
 
 
-def _hash_header_and_sample(path: Path, h) -> None:
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if not 0 < n <= file_size - 8:  # never read a length taken from a corrupt file
-            raise ValueError("bad header length")
-        header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("bad header")
-        base = 8 + n
-        for name in sorted(k for k in header if k != "__metadata__"):
-            info = header[name]
-            h.update(f"{name}|{tuple(info['shape'])}|{info['dtype']}\n".encode())
-            a, b = (int(x) for x in info["data_offsets"])
-            size = b - a
-            if size <= 0:
-                continue
-            step = max(1, size // _SAMPLES_PER_TENSOR)
-            for off in range(0, size, step)[:_SAMPLES_PER_TENSOR]:
-                f.seek(base + a + off)
-                h.update(f.read(min(8, size - off)))
+# --------------------------------------------------------------------------- file hashes
+
+
+def hash_cache_path() -> Path:
+    """The memo of file hashes: `$CWA_CACHE_DIR`, else `$XDG_CACHE_HOME/cwa`, else
+    `~/.cache/cwa`, file `file_sha256.json`."""
+    d = os.environ.get("CWA_CACHE_DIR")
+    if not d:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        d = os.path.join(xdg, "cwa") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "cwa")
+    return Path(d) / "file_sha256.json"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's full content, memoized by (real path, size, mtime_ns, inode).
+
+    A hub cache blob (`models--*/blobs/<64 hex>`) is named by the SHA-256 of its content (a
+    Git LFS object id), so its name is returned without reading it. A file whose mtime is
+    within 2 s of the hash is not memoized: on a file system with coarse timestamps it could
+    be rewritten within the same tick, same size, and look unchanged (git's "racily clean"
+    rule); it is hashed again next time, once it is older."""
+    real = os.path.realpath(path)
+    if _is_hub_blob(real):
+        return os.path.basename(real)
+    st = os.stat(real)
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    memo = hash_cache_path()
+    entry = _read_memo(memo).get(real)
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()):
+        if isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"]):
+            return entry["sha256"]
+    started = time.time_ns()
+    digest = _sha256_of_file(real)
+    after = os.stat(real)
+    unchanged = (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    if unchanged and st.st_mtime_ns < started - _RACY_NS:  # read whole, and old enough to trust
+        _write_memo(memo, real, {**stamp, "sha256": digest})
+    return digest
+
+
+def _is_hub_blob(real: str) -> bool:
+    p = Path(real)
+    in_hub_cache = p.parent.name == "blobs" and p.parent.parent.name.startswith("models--")
+    return in_hub_cache and bool(_SHA256.fullmatch(p.name))
+
+
+def _sha256_of_file(path: str) -> str:
+    """The full-content hash, streamed in large reads into one reused buffer."""
+    h = hashlib.sha256()
+    buf = bytearray(_READ_SIZE)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _read_memo(path: Path) -> dict:
+    """The memo's entries; a missing, unreadable or corrupt memo is an empty one."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        files = doc.get("files") if doc.get("version") == 1 else None
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def _write_memo(path: Path, key: str, entry: dict) -> None:
+    """Add one entry, atomically (temporary file + rename); a memo that cannot be written is
+    silently left as it is: it only saves time."""
+    files = _read_memo(path)  # merged with what other processes wrote meanwhile
+    files.pop(key, None)
+    files[key] = entry
+    for old in list(files)[: max(0, len(files) - _MEMO_MAX)]:
+        del files[old]
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".file_sha256.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"version": 1, "files": files}, f)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

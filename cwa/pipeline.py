@@ -278,7 +278,8 @@ def claim_out_dir(out: Path) -> dict[str, Any] | None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out}: is a file; give a directory")
     marker = out / MARKER
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+    ours = {"artifacts", "plots", *_REPORTS}  # what an interrupted first run may have left
+    if out.is_dir() and any(p.name not in ours for p in out.iterdir()) and not marker.is_file():
         legacy = out / "experiment_manifest.json"
         try:
             ok = "cwa_version" in json.loads(legacy.read_text())

@@ -51,7 +51,7 @@ class ModelOptions:
             second_order=second_order,
             trust_remote_code=self.trust_remote_code,
             device_map=self.device_map,
-            **({"allow_pickle": True} if self.allow_pickle else {}),  # TEMP
+            allow_pickle=self.allow_pickle,
             lazy=lazy,
         )
 
@@ -190,8 +190,6 @@ def guard_outputs(outputs: dict[str, Path | None], inputs: list[Path]) -> None:
     ins = {_file_id(Path(i)): Path(i) for i in inputs if Path(i).exists()}
     seen: dict[Any, str] = {}
     for flag, o in outs.items():
-        if hasattr(A, "check_output"):  # TEMP until artifacts.check_output lands
-            A.check_output(o, flag)
         fid = _file_id(o)
         if fid in ins:
             raise UsageError(
@@ -201,6 +199,7 @@ def guard_outputs(outputs: dict[str, Path | None], inputs: list[Path]) -> None:
         if fid in seen:
             raise UsageError(f"{flag} {o}: is also the {seen[fid]} output; give each output its own path")
         seen[fid] = flag
+        A.check_output(o, flag)
 
 
 # --------------------------------------------------------------------------- score

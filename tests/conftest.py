@@ -1,12 +1,16 @@
 """Shared test setup: fixed seeds and one CPU thread (CI machines are small and shared)."""
 
+import os
 import random
+import tempfile
 
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# The model fingerprint memoizes file hashes in a user cache: keep tests out of ~/.cache.
+os.environ.setdefault("CWA_CACHE_DIR", tempfile.mkdtemp(prefix="cwa-test-cache-"))
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,10 @@ DeviceMapOpt = Annotated[
 TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub (off by default).")
 ]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Load a .bin/.pt pickle checkpoint (tensors only, weights_only=True)."),
+]
 DataOpt = Annotated[
     str | None,
     typer.Option("--data", help="Calibration data: .txt, dir of .txt, .jsonl (text), hf:NAME[:CONFIG[:SPLIT]], .npy windows."),

@@ -12,6 +12,7 @@ def eval_cmd(
     dtype: O.DtypeOpt = "auto",
     device: O.DeviceOpt = "auto",
     trust_remote_code: O.TrustOpt = False,
+    allow_pickle: O.AllowPickleOpt = False,
     data: O.DataOpt = None,
     eval_data: O.EvalDataOpt = None,
     eval_samples: O.EvalSamplesOpt = 32,
@@ -33,6 +34,6 @@ def eval_cmd(
     """
     from cwa.stages import eval_stage
 
-    lm = model_options(model, revision, dtype, device, None, trust_remote_code).load()
+    lm = model_options(model, revision, dtype, device, None, trust_remote_code, allow_pickle).load()
     d = data_options(data, eval_data, None, 32, eval_samples, seq_len, batch_size)
     report(eval_stage(lm, d, output=output, force=force), verbose)

@@ -30,6 +30,7 @@ def perturb_cmd(
     device: O.DeviceOpt = "auto",
     device_map: O.DeviceMapOpt = None,
     trust_remote_code: O.TrustOpt = False,
+    allow_pickle: O.AllowPickleOpt = False,
     output: O.OutputOpt = None,
     force: O.ForceOpt = False,
     verbose: O.VerboseOpt = False,
@@ -51,7 +52,7 @@ def perturb_cmd(
 
         raise UsageError("--perturb none: nothing to do in cwa perturb (it is for cwa run)")
     paths = read_paths(selections, "selection")
-    lm = model_options(model, revision, dtype, device, device_map, trust_remote_code).load()
+    lm = model_options(model, revision, dtype, device, device_map, trust_remote_code, allow_pickle).load()
     d = data_options(data, eval_data, None, 32, eval_samples, seq_len, batch_size)
     r = perturb_stage(
         lm, d, paths, method=perturb, scale=perturb_scale, prob=perturb_prob, bit=bit, seed=seed,

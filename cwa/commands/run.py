@@ -46,6 +46,7 @@ def run_cmd(
     device: O.DeviceOpt = "auto",
     device_map: O.DeviceMapOpt = None,
     trust_remote_code: O.TrustOpt = False,
+    allow_pickle: O.AllowPickleOpt = False,
     force: O.ForceOpt = False,
     verbose: O.VerboseOpt = False,
 ) -> None:
@@ -71,7 +72,7 @@ def run_cmd(
 
     set_verbose(verbose)
     cfg = RunConfig(
-        model=model_options(model, revision, dtype, device, device_map, trust_remote_code),
+        model=model_options(model, revision, dtype, device, device_map, trust_remote_code, allow_pickle),
         data=data_options(data, eval_data, data_seed, calib_samples, eval_samples, seq_len, batch_size),
         metric=metric,
         topk=parse_int_list(topk, "--topk"),

@@ -30,6 +30,7 @@ def score_cmd(
     device: O.DeviceOpt = "auto",
     device_map: O.DeviceMapOpt = None,
     trust_remote_code: O.TrustOpt = False,
+    allow_pickle: O.AllowPickleOpt = False,
     grad_checkpointing: Annotated[
         bool,
         typer.Option(
@@ -63,7 +64,7 @@ def score_cmd(
     with distributed.session(device) as dist:
         if dist.backend == "nccl" and not device_map and device in ("auto", "cuda"):
             device = dist.device  # one GPU per rank: cuda:LOCAL_RANK
-        lm = model_options(model, revision, dtype, device, device_map, trust_remote_code).load(second_order=second)
+        lm = model_options(model, revision, dtype, device, device_map, trust_remote_code, allow_pickle).load(second_order=second)
         d = data_options(data, None, data_seed, calib_samples, 32, seq_len, batch_size)
         r = score_stage(
             lm, d, metric=name, seed=seed, mc_samples=mc_samples, hutchinson_samples=hutchinson_samples,

@@ -31,6 +31,7 @@ from cwa.metrics.hessian_diag import HessianDiag
 from cwa.metrics.hutchinson_diag import HutchinsonDiag
 from cwa.metrics.magnitude import Magnitude
 from cwa.registry import Registry
+from cwa.stop import check_stop
 
 __all__ = [
     "METRICS",
@@ -218,6 +219,10 @@ def compute_scores(
     the ranks, so every rank returns the scores of all N windows. `grad_checkpointing`
     recomputes each transformer block's activations during the backward pass instead
     of keeping them (less memory, about one more forward; same result).
+
+    A pending stop request (`cwa.stop.check_stop()`: SIGTERM / Ctrl-C under the console
+    script) raises between batches, and inside the metrics between windows, label draws
+    and Hessian-vector products.
     """
     import torch
 
@@ -279,11 +284,13 @@ def compute_scores(
                 )
                 done = 0
                 for start in range(0, mine.numel(), int(batch_size)):
+                    check_stop()  # SIGTERM / Ctrl-C: stop between batches (cwa.stop)
                     pos = mine[start : start + int(batch_size)]
                     scorer.accumulate(ids[pos].to(device), windows[pos], n_total)
                     done += pos.numel()
                     if progress is not None:
                         progress(done)
+                check_stop()
                 if dist is not None:
                     scorer.reduce(dist.all_reduce)
             scores = scorer.finish()

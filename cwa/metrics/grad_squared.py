@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from cwa.losses import window_losses
 from cwa.metrics.base import Metric, as_float32_cpu
+from cwa.stop import check_stop
 
 
 class GradSquared(Metric):
@@ -42,6 +43,7 @@ class GradSquared(Metric):
     def accumulate(self, ids, window_indices, n_total) -> None:
         scale = 1.0 / n_total
         for n in range(ids.shape[0]):
+            check_stop()  # stop between windows (one backward each)
             loss = window_losses(self.model, ids[n : n + 1])[0]
             for acc, g in zip(self.acc.values(), self._grads(loss), strict=True):
                 if g is not None:

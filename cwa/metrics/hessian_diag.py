@@ -39,6 +39,7 @@ from __future__ import annotations
 from cwa import rng
 from cwa.losses import logits_of, token_nll
 from cwa.metrics.base import Metric, as_float32_cpu
+from cwa.stop import check_stop
 
 
 class HessianDiag(Metric):
@@ -53,10 +54,13 @@ class HessianDiag(Metric):
         targets = ids.shape[1] - 1
         scale = targets / (n_total * draws)
         for n in range(ids.shape[0]):
+            check_stop()  # stop between windows and between draws (one backward each)
             window = ids[n : n + 1]
             logits = logits_of(self.model, window)
             probs = torch.softmax(logits[0, :-1].detach().float(), dim=-1).cpu()
             for s in range(draws):
+                if s:
+                    check_stop()
                 gen = rng.generator(self.options.seed, "label", int(window_indices[n]), s)
                 labels = torch.multinomial(probs, 1, generator=gen).squeeze(1)
                 # token_nll reads targets from positions 1..T-1 of its ids: put the draws there.

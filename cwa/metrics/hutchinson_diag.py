@@ -24,7 +24,9 @@ depend on the batch size and a sharded run only sums the accumulators.
 Cost: per batch one forward, one backward with create_graph=True and P Hessian-vector
 products (double backward through the retained graph), i.e. about 1 forward + (1 + 2P)
 backward-equivalents per batch. Memory: the graph of the first backward, plus one probe and
-one HVP the size of the scored parameters, plus the float32 accumulator.
+one HVP the size of the scored parameters, plus the float32 accumulator. A stop request
+(SIGTERM / Ctrl-C, `cwa.stop`) is acted on between probes, so it waits for at most one
+backward or one HVP.
 
 Source: Hutchinson 1989 ("A stochastic estimator of the trace of the influence matrix"),
 diagonal variant (Bekas et al. 2007); PyHessian (Yao et al. 2020); OBD saliency with a
@@ -37,6 +39,7 @@ from cwa import rng
 from cwa.errors import CwaError
 from cwa.losses import window_losses
 from cwa.metrics.base import Metric, as_float32_cpu
+from cwa.stop import check_stop
 
 
 def rademacher(seed: int, probe: int, param_index: int, shape):
@@ -66,6 +69,7 @@ class HutchinsonDiag(Metric):
             return
         accs = list(self.acc.values())
         for p in range(probes):
+            check_stop()  # each HVP is one uninterruptible C++ call: stop between them
             zs = {
                 i: rademacher(self.options.seed, p, i, params[i].shape).to(params[i].device)
                 for i in live

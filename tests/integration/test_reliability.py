@@ -360,7 +360,7 @@ def test_pickled_checkpoint_is_never_unpickled(k, tmp_path):
 
     torch.save({"transformer.wte.weight": Payload()}, d / "pytorch_model.bin")
     r = invoke(["eval", "--model", d, *k.data()])
-    assert_clean_error(r, 1, str(d), "never unpickles")
+    assert_clean_error(r, 2, str(d), "never unpickles")  # refused up front: --allow-pickle is the fix
     assert not marker.exists()
 
 
