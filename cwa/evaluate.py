@@ -29,6 +29,11 @@ from typing import Any
 
 DEFAULT_BUDGET = 1 << 30  # bytes of baseline log-probabilities kept in RAM
 
+#: The version of these definitions, part of every `eval` and `perturb` fingerprint: a
+#: result computed under an older definition is never a cache hit. 2: bits_per_byte
+#: counts the bytes a window's targets add in context (1 decoded each token alone).
+EVAL_VERSION = 2
+
 
 @dataclass
 class BaselineCache:

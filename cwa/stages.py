@@ -598,7 +598,7 @@ def perturb_stage(
 ) -> StageResult:
     import numpy as np
 
-    from cwa.evaluate import evaluate
+    from cwa.evaluate import EVAL_VERSION, evaluate
     from cwa.perturb import perturbed, summarize
 
     t0 = time.perf_counter()
@@ -622,6 +622,7 @@ def perturb_stage(
         prob=prob if method == "bit_flip" else None,
         bit=bit if method == "bit_flip" else None,
         seed=seed if method in ("gauss_noise", "bit_flip") else None,
+        version=EVAL_VERSION,
     )
     out = A.resolve_output(output, "perturb", fp, ".h5")
     guard_outputs({"-o": out, "--json": json_path}, _input_files(paths=selections, lm=lm, data=data))
@@ -781,11 +782,11 @@ def eval_stage(
     output: Path | None = None,
     force: bool = False,
 ) -> StageResult:
-    from cwa.evaluate import evaluate
+    from cwa.evaluate import EVAL_VERSION, evaluate
 
     t0 = time.perf_counter()
     ev = data.split(lm, seed=0, calib=False, evaluation=True).evaluation
-    fp = A.stage_fingerprint("eval", model=lm.fingerprint, data=ev.fingerprint)
+    fp = A.stage_fingerprint("eval", model=lm.fingerprint, data=ev.fingerprint, version=EVAL_VERSION)
     out = Path(output) if output is not None else A.default_output("eval", fp, ".json")
     guard_outputs({"-o": out}, _input_files(lm=lm, data=data))
     if not force and out.exists():

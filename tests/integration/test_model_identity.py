@@ -527,3 +527,18 @@ def test_pickle_only_hub_snapshot_is_refused(tiny_gpt2, hub_cache, tmp_path):
         M.load_model("org/old", device="cpu", lazy=True)
     lm = M.load_model("org/old", device="cpu", allow_pickle=True)
     assert lm.commit == COMMIT and lm.model is not None
+
+
+@pytest.mark.parametrize("size", [0, 1, (64 << 20) + 3])
+def test_file_hash_is_the_sha256_of_every_byte(tmp_path, size):
+    """The memory-mapped hash (and the streamed fallback for an empty file) against
+    hashlib over the bytes read whole, across a 64 MiB update boundary."""
+    import hashlib
+    import os
+
+    from cwa.models import _sha256_of_file
+
+    p = tmp_path / "w.bin"
+    data = os.urandom(size)
+    p.write_bytes(data)
+    assert _sha256_of_file(str(p)) == hashlib.sha256(data).hexdigest()

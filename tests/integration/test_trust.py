@@ -262,3 +262,29 @@ def test_magnitude_matched_reports_its_achieved_match(k, tmp_path):
     assert match["ratio_quantiles"]["1.0"] == pytest.approx(float(ratios.max()), rel=1e-6)
     assert match["ratio_quantiles"]["0.5"] < 1.0  # partners are smaller than the largest weights
     assert sel.info["n_fallback"] > 3  # > 10% of 30
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("stage", ["eval", "perturb"])
+def test_a_result_of_an_older_evaluation_definition_is_not_a_cache_hit(k, tmp_path, monkeypatch, stage):
+    """bits_per_byte changed definition (counted in context): an `eval` or `perturb`
+    result cached under the old definition must be recomputed, not returned."""
+    from cwa import evaluate
+    from cwa.commands.common import data_options, model_options
+    from cwa.stages import eval_stage, perturb_stage
+
+    lm = model_options(str(k.model), None, "auto", "cpu", None, False, False).load()
+    d = data_options(str(k.text), None, None, 4, 3, int(SEQ), 8)
+
+    def once():
+        if stage == "eval":
+            return eval_stage(lm, d, output=tmp_path / "eval.json")
+        return perturb_stage(lm, d, [k.topk], method="zero", output=tmp_path / "p.h5")
+
+    first = once()
+    assert once().cached and not first.cached
+    monkeypatch.setattr(evaluate, "EVAL_VERSION", evaluate.EVAL_VERSION - 1)
+    again = once()
+    assert not again.cached and again.fingerprint != first.fingerprint
