@@ -454,7 +454,7 @@ def bench_rank(a) -> list[dict]:
                     ranks.append(r["wall_s"])
                     rss.append(r["max_rss_bytes"])
                     if rep == 0:
-                        sel, _ = read_selection(out)
+                        sel = read_selection(out)
                         pi, fi, sc = expected_topk(truth, k)
                         d = sel.draws[0]
                         exact = (np.array_equal(d.param_index, pi) and np.array_equal(d.flat_index, fi)
@@ -496,8 +496,8 @@ def bench_perturb(a) -> list[dict]:
     import torch
 
     from cwa.data import Windows
-    from cwa.evaluate import evaluate
-    from cwa.perturb import apply, restore
+    from cwa.evaluation import evaluate
+    from cwa.perturbation import apply, restore
     from cwa.ranking import Draw
 
     model = score_model(a.pwidth, a.players, a.vocab, a.seq_len)

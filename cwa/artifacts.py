@@ -435,6 +435,27 @@ def _check_writable_dir(path: Path) -> None:
         raise _fault_error(path, code, None)
 
 
+def check_free_space(path: str | os.PathLike, need: int, what: str, fixes: str) -> None:
+    """Before any work: a `CwaError` naming `what`, the bytes needed and free, and
+    `fixes`, when the file system `path` goes to has less than `need` bytes free (what
+    is already at `path` counts as free: it is replaced)."""
+    import shutil
+
+    path = Path(path)
+    d = _existing_dir(path.parent if str(path.parent) else Path("."))
+    try:
+        free = shutil.disk_usage(d).free
+    except OSError:
+        return  # cannot tell: the write reports a real shortage
+    with contextlib.suppress(OSError):
+        if path.is_file():
+            free += path.stat().st_size
+    if need > free:
+        raise CwaError(
+            f"{what}: needs {_human(need)} on {d} but {_human(free)} is free; {fixes}"
+        )
+
+
 def _sniff(path: Path) -> str:
     """What a regular file is: "empty", "h5" (cwa's HDF5 user block), "scores" (a
     safetensors file whose header names a cwa schema, intact or not), "json" (a cwa JSON
@@ -619,25 +640,26 @@ class _ReleaseFreedHeap:
             cls.floor = cls._rss() or rss
 
 
-@dataclass
-class ScoresFile:
-    """A scores artifact opened lazily: `names` in param order, one tensor at a time.
+class Scores:
+    """Scores of every scored weight: `names` in param order, one float32 tensor each,
+    and the provenance of record, `meta` (the `cwa.*` strings a scores file carries).
 
-    Tensors are read with explicit file reads at the offsets of the safetensors header
-    into freshly allocated buffers, never through a memory map: pages of a mapped file
-    that have been touched count in the process's resident set until it is unmapped, so
-    streaming a 4 GB file through a map looks like a 4 GB process. `chunks()` therefore
-    holds one chunk at a time, and `get()` exactly one tensor.
-    """
+    What `cwa.score` returns, in memory; `open_scores` returns a `ScoresFile`, the same
+    interface read lazily from disk. `save(path)` writes the scores artifact; opening it
+    gives back the same fingerprint, metadata and tensors."""
 
-    path: Path
-    meta: dict[str, str]
-    names: list[str]
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    # name -> (safetensors dtype, first byte, end byte) in the file; empty: use safe_open
-    layout: dict[str, tuple[str, int, int]] = field(default_factory=dict, repr=False)
-    _verified: set[str] = field(default_factory=set, repr=False)
-    _hashes: dict[str, str] | None = field(default=None, repr=False)
+    model = None  # the LoadedModel the scores were computed on, in memory only (never saved)
+
+    def __init__(self, tensors: dict[str, Any], meta: dict[str, str], *, path: Path | None = None) -> None:
+        self._tensors = dict(tensors)
+        self.meta = dict(meta)
+        self.names = list(self._tensors)
+        self.shapes = {n: tuple(int(x) for x in t.shape) for n, t in self._tensors.items()}
+        self.path = path
+
+    def __repr__(self) -> str:
+        n = sum(self.numel(x) for x in self.names)
+        return f"Scores(metric={self.metric!r}, seed={self.seed}, tensors={len(self.names)}, weights={n:,})"
 
     @property
     def metric(self) -> str:
@@ -650,6 +672,18 @@ class ScoresFile:
     @property
     def model_fingerprint(self) -> str:
         return self.meta.get("cwa.model_fingerprint", "")
+
+    @property
+    def seed(self) -> int:
+        """The seed the scores were computed with (every selection made from them carries it)."""
+        try:
+            return int(self.meta.get("cwa.seed", "0"))
+        except ValueError:
+            raise ArtifactError(f"{self.path}: cwa.seed {self.meta.get('cwa.seed')!r} is not an integer") from None
+
+    @property
+    def score_dtype(self) -> str:
+        return self.meta.get("cwa.score_dtype") or self.json_meta("cwa.options", {}).get("score_dtype", "float32")
 
     def json_meta(self, key: str, default: Any = None) -> Any:
         v = self.meta.get(key)
@@ -668,6 +702,72 @@ class ScoresFile:
         for s in self.shapes[name]:
             n *= s
         return n
+
+    def get(self, name: str, verify: bool = True):
+        """The whole tensor as float32."""
+        return self._tensors[name]
+
+    def __getitem__(self, name: str):
+        return self.get(name)
+
+    def chunks(self, name: str, chunk_elems: int = 1 << 24, verify: bool = True) -> Iterator[tuple[int, Any]]:
+        flat = self.get(name).reshape(-1)
+        step = max(1, int(chunk_elems))
+        for start in range(0, flat.numel(), step):
+            yield start, flat[start : start + step]
+
+    def verify(self) -> None:
+        """In memory there is nothing to verify (a file checks its tensors' SHA-256)."""
+
+    def tensors(self) -> dict[str, Any]:
+        """name -> float32 tensor, every tensor (a file reads them all)."""
+        return {n: self.get(n) for n in self.names}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the scores artifact (atomically; the stored dtype is `score_dtype`)."""
+        keep = {k: v for k, v in self.meta.items() if k not in _WRITTEN_META}
+        return write_scores(path, self.tensors(), keep, dtype=self.score_dtype)
+
+    def to_pandas(self):
+        """One row per scored tensor: param, shape, numel, min, max, mean, n_zero."""
+        import pandas as pd
+
+        rows = []
+        for n in self.names:
+            t = self.get(n)
+            rows.append({
+                "param": n, "shape": tuple(self.shape(n)), "numel": self.numel(n),
+                "min": float(t.min()) if t.numel() else float("nan"),
+                "max": float(t.max()) if t.numel() else float("nan"),
+                "mean": float(t.double().mean()) if t.numel() else float("nan"),
+                "n_zero": int((t == 0).sum()),
+            })
+        return pd.DataFrame(rows)
+
+
+# metadata `write_scores` adds itself (recomputed on every save)
+_WRITTEN_META = ("cwa.schema", "cwa.param_order", "cwa.sha256", "cwa.version", "cwa.created", "cwa.score_dtype")
+
+
+@dataclass(repr=False)
+class ScoresFile(Scores):
+    """A scores artifact opened lazily: `names` in param order, one tensor at a time.
+
+    Tensors are read with explicit file reads at the offsets of the safetensors header
+    into freshly allocated buffers, never through a memory map: pages of a mapped file
+    that have been touched count in the process's resident set until it is unmapped, so
+    streaming a 4 GB file through a map looks like a 4 GB process. `chunks()` therefore
+    holds one chunk at a time, and `get()` exactly one tensor.
+    """
+
+    path: Path
+    meta: dict[str, str]
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # name -> (safetensors dtype, first byte, end byte) in the file; empty: use safe_open
+    layout: dict[str, tuple[str, int, int]] = field(default_factory=dict, repr=False)
+    _verified: set[str] = field(default_factory=set, repr=False)
+    _hashes: dict[str, str] | None = field(default=None, repr=False)
 
     def _hash_of(self, name: str) -> str | None:
         if self._hashes is None:
@@ -1119,12 +1219,13 @@ def write_selection(
     path: str | os.PathLike,
     sel: Any,
     *,
-    fingerprint: str,
-    provenance: dict[str, Any],
+    fingerprint: str | None = None,
+    provenance: dict[str, Any] | None = None,
     extra_arrays: dict[str, Any] | None = None,
     doc: Any = None,
 ) -> Path:
-    """Write a `cwa.ranking.Selection` as a `selection/1` HDF5 artifact."""
+    """Write a `cwa.ranking.Selection` as a `selection/1` HDF5 artifact; its record
+    (`fingerprint`, `provenance`, `arrays`, `doc`) unless given here."""
     import numpy as np
 
     arrays: dict[str, Any] = {"params": np.array(sel.params, dtype=object)}
@@ -1132,7 +1233,7 @@ def write_selection(
         arrays[f"draws/{d}/param_index"] = np.asarray(draw.param_index, dtype=np.int32)
         arrays[f"draws/{d}/flat_index"] = np.asarray(draw.flat_index, dtype=np.int64)
         arrays[f"draws/{d}/score"] = np.asarray(draw.score, dtype=np.float32)
-    arrays.update(extra_arrays or {})
+    arrays.update(sel.arrays if extra_arrays is None else extra_arrays)
     attrs = {
         "kind": sel.kind,
         "k": int(sel.k),
@@ -1142,18 +1243,25 @@ def write_selection(
         "seed": int(sel.seed),
         "ties_at_k": int(sel.ties_at_k),
         "n_draws": len(sel.draws),
-        "fingerprint": fingerprint,
-        "provenance": provenance,
+        "fingerprint": sel.fingerprint if fingerprint is None else fingerprint,
+        "provenance": sel.provenance if provenance is None else provenance,
         "info": sel.info,
     }
-    return write_h5(path, SELECTION_SCHEMA, attrs, arrays, doc=doc)
+    return write_h5(path, SELECTION_SCHEMA, attrs, arrays, doc=sel.doc if doc is None else doc)
 
 
 def read_selection(path: str | os.PathLike):
-    """Read a selection artifact: returns (Selection, H5Artifact)."""
+    """Read a selection artifact into a `cwa.ranking.Selection`, its record included
+    (`fingerprint`, `provenance`, `doc`, the extra `arrays`, `path`)."""
+    return selection_from(read_h5(path, SELECTION_SCHEMA))
+
+
+def selection_from(art: H5Artifact):
+    """The `Selection` of a `selection/1` artifact already read (`read_h5`), checked."""
     from cwa.ranking import Selection
 
-    art = read_h5(path, SELECTION_SCHEMA)
+    if art.schema != SELECTION_SCHEMA:
+        raise ArtifactError(f"{art.path}: expected a {SELECTION_SCHEMA} artifact, found {art.schema or 'no schema'}")
     a = art.attrs
     try:
         n = int(a["n_draws"])
@@ -1170,6 +1278,11 @@ def read_selection(path: str | os.PathLike):
             params=params,
             draws=draws,
             info=json.loads(a.get("info", "{}")),
+            fingerprint=art.fingerprint,
+            provenance=provenance(art),
+            doc=art.doc,
+            arrays={k: v for k, v in art.arrays.items() if k != "params" and not k.startswith("draws/")},
+            path=art.path,
         )
         if n < 1 or sel.k < 1 or sel.mode not in ("global", "per_layer") or len(set(params)) != len(params):
             raise ValueError("bad n_draws, k, mode or params")
@@ -1177,7 +1290,7 @@ def read_selection(path: str | os.PathLike):
             raise ValueError("bad info")
     except (KeyError, ValueError, TypeError) as e:
         raise ArtifactError(f"{art.path}: malformed selection artifact ({e})") from None
-    return sel, art
+    return sel
 
 
 def _read_draw(art: H5Artifact, d: int, n_params: int):
@@ -1208,6 +1321,254 @@ def provenance(art: H5Artifact) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return p if isinstance(p, dict) else {}
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Results:
+    """Perturbation results (`perturbation/1`): `doc` is `perturbation_results.json`
+    (baseline, conditions, summary, ...), `arrays` the per-window NLLs and flipped bits,
+    `attrs` the record (fingerprint, method, model and data fingerprints, seed)."""
+
+    doc: dict[str, Any]
+    arrays: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs.get("fingerprint", ""))
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.doc.get("summary") or {}
+
+    @property
+    def conditions(self) -> list[dict[str, Any]]:
+        return list(self.doc.get("conditions") or [])
+
+    @property
+    def baseline(self) -> dict[str, Any]:
+        return self.doc.get("baseline") or {}
+
+    def to_pandas(self):
+        """One row per condition (the fields of `conditions`)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.conditions)
+
+    def save(self, path: str | os.PathLike, json_path: str | os.PathLike | None = None) -> Path:
+        """Write the `perturbation/1` artifact (and, with `json_path`, its JSON document)."""
+        self.path = write_h5(path, PERTURBATION_SCHEMA, self.attrs, self.arrays, doc=self.doc)
+        if json_path is not None:
+            write_json(json_path, self.doc)
+        return self.path
+
+
+def read_results(path: str | os.PathLike) -> Results:
+    return results_from(read_h5(path, PERTURBATION_SCHEMA))
+
+
+def results_from(art: H5Artifact) -> Results:
+    """The `Results` of a `perturbation/1` artifact already read, checked."""
+    if art.schema != PERTURBATION_SCHEMA:
+        raise ArtifactError(f"{art.path}: expected a {PERTURBATION_SCHEMA} artifact, found {art.schema or 'no schema'}")
+    if not isinstance(art.doc, dict) or not isinstance(art.doc.get("conditions"), list):
+        raise ArtifactError(f"{art.path}: malformed perturbation artifact (no conditions); recompute it with --force")
+    return Results(doc=art.doc, arrays=art.arrays, attrs=art.attrs, path=art.path)
+
+
+@dataclass
+class Stability:
+    """Stability results (`stability/1`): `doc` is `stability_results.json` (Jaccard,
+    Spearman, the chance level, per-tensor overlap), `arrays` the matrices."""
+
+    doc: dict[str, Any]
+    arrays: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs.get("fingerprint", ""))
+
+    @property
+    def mean_jaccard(self) -> float | None:
+        return self.doc.get("mean_jaccard")
+
+    @property
+    def random_jaccard(self) -> float | None:
+        return self.doc.get("random_jaccard")
+
+    @property
+    def mean_spearman(self) -> float | None:
+        return self.doc.get("mean_spearman")
+
+    def to_pandas(self):
+        """One row per pair of inputs: a, b, jaccard (and spearman where computed)."""
+        import numpy as np
+        import pandas as pd
+
+        labels = [str(x) for x in self.doc.get("labels") or []]
+        jac = np.asarray(self.doc.get("jaccard_matrix") or [], dtype=float)
+        sp = self.doc.get("spearman_matrix")
+        sp = np.asarray(sp, dtype=float) if sp is not None else None
+        rows = []
+        for i in range(len(labels)):
+            for j in range(i + 1, len(labels)):
+                row = {"a": labels[i], "b": labels[j], "jaccard": float(jac[i, j]) if jac.size else float("nan")}
+                if sp is not None and sp.size:
+                    row["spearman"] = float(sp[i, j])
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def save(self, path: str | os.PathLike, json_path: str | os.PathLike | None = None) -> Path:
+        self.path = write_h5(path, STABILITY_SCHEMA, self.attrs, self.arrays, doc=self.doc)
+        if json_path is not None:
+            write_json(json_path, self.doc)
+        return self.path
+
+
+def read_stability(path: str | os.PathLike) -> Stability:
+    return stability_from(read_h5(path, STABILITY_SCHEMA))
+
+
+def stability_from(art: H5Artifact) -> Stability:
+    """The `Stability` of a `stability/1` artifact already read, checked."""
+    if art.schema != STABILITY_SCHEMA:
+        raise ArtifactError(f"{art.path}: expected a {STABILITY_SCHEMA} artifact, found {art.schema or 'no schema'}")
+    if not isinstance(art.doc, dict):
+        raise ArtifactError(f"{art.path}: malformed stability artifact (no document); recompute it with --force")
+    return Stability(doc=art.doc, arrays=art.arrays, attrs=art.attrs, path=art.path)
+
+
+# --------------------------------------------------------------------------- describe
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What `cwa info` shows of any artifact, read once: `schema`, `fields` (name,
+    value-as-text pairs), a `table` (columns, rows) and `notes` (lines)."""
+    path = Path(path)
+    _check_exists(path)
+    with open(path, "rb") as f:
+        is_h5 = f.read(len(_MAGIC)) == _MAGIC
+    if not is_h5:
+        if path.suffix == ".json":
+            raise ArtifactError(f"{path}: a JSON report, not a stage artifact")
+        return _describe_scores(open_scores(path))
+    return _describe_h5(read_h5(path))
+
+
+def _describe_scores(sc: ScoresFile) -> dict[str, Any]:
+    skip = ("cwa.param_order", "cwa.sha256", "cwa.windows")
+    fields = [(k, sc.meta[k]) for k in sorted(sc.meta) if k not in skip]
+    windows = sc.json_meta("cwa.windows", [])
+    fields.append(("cwa.windows", f"{len(windows)} windows {windows[:8]}{' …' if len(windows) > 8 else ''}"))
+    rows = [(n, "x".join(map(str, sc.shape(n))), str(sc.numel(n))) for n in sc.names]
+    total = sum(sc.numel(n) for n in sc.names)
+    return {"schema": SCORES_SCHEMA, "fields": fields, "table": {"columns": ("param", "shape", "numel"), "rows": rows},
+            "notes": [f"{len(sc.names)} tensors, {total} scores"]}
+
+
+def _describe_h5(art: H5Artifact, max_rows: int = 40) -> dict[str, Any]:
+    fields = []
+    for k in sorted(art.attrs):
+        v = art.attrs[k]
+        text = v if isinstance(v, str) else json.dumps(v, default=str)
+        fields.append((k, f"{text[:300]}{'…' if len(text) > 300 else ''}"))
+    items = sorted(art.arrays.items())
+    rows = [(k, str(getattr(a, "shape", "")), str(getattr(a, "dtype", ""))) for k, a in items[:max_rows]]
+    notes = [f"… {len(items) - max_rows} more datasets"] if len(items) > max_rows else []
+    if isinstance(art.doc, dict):
+        notes.append(f"document keys: {', '.join(art.doc)}")
+        if "baseline" in art.doc:
+            notes.append(f"baseline: {json.dumps(art.doc['baseline'])}")
+        if "summary" in art.doc:
+            notes.append(f"summary: {json.dumps(art.doc['summary'])[:600]}")
+    return {"schema": art.schema, "fields": fields, "table": {"columns": ("dataset", "shape", "dtype"), "rows": rows},
+            "notes": notes}
+
+
+# --------------------------------------------------------------------------- parameter names
+
+
+BLOCK_RE = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block)\.(\d+)\.(.+)$")
+
+
+def param_group(name: str) -> tuple[int | None, str]:
+    """(block number or None, module type) of a parameter name:
+    `transformer.h.3.attn.c_attn.weight` -> (3, "attn.c_attn"), `lm_head.weight` ->
+    (None, "lm_head"), `transformer.ln_f.bias` -> (None, "ln_f.bias")."""
+    m = BLOCK_RE.search(name)
+    if m:
+        rest = m.group(2)
+        return int(m.group(1)), rest[: -len(".weight")] if rest.endswith(".weight") else rest
+    base = name[: -len(".weight")] if name.endswith(".weight") else name
+    parts = base.split(".")
+    if base != name or len(parts) == 1:
+        return None, parts[-1]
+    return None, ".".join(parts[-2:])  # e.g. "ln_f.bias"
+
+
+def layer_of(name: str) -> str:
+    """The block number in a parameter name (`transformer.h.3.attn...` -> "3"), or ""."""
+    b = param_group(name)[0]
+    return "" if b is None else str(b)
+
+
+# --------------------------------------------------------------------------- top-K table
+
+TOPK_COLUMNS = ("rank", "param", "layer", "coords", "flat_index", "score", "value")
+
+
+def _selection_rows(sel: Any, draw: int, lm: Any) -> list[tuple]:
+    """(rank, param, layer, coords, flat_index, score, value) for every selected weight;
+    coords from the shapes the selection was made for, value from `lm` (None without)."""
+    import numpy as np
+
+    d = sel.draws[draw]
+    shapes = sel.shapes
+    values = None
+    if lm is not None:
+        named = dict(lm.model.named_parameters()) if hasattr(lm, "model") else dict(lm.named_parameters())
+        values = np.empty(len(d.flat_index), dtype=np.float64)
+        for pi in np.unique(d.param_index):
+            p = named[sel.params[pi]].detach().reshape(-1)
+            mask = d.param_index == pi
+            values[mask] = p[np.asarray(d.flat_index[mask])].double().cpu().numpy()
+    rows = []
+    for r, (pi, fi, sc) in enumerate(zip(d.param_index, d.flat_index, d.score, strict=True), 1):
+        name = sel.params[pi]
+        shape = shapes.get(name)
+        coords = ",".join(str(int(c)) for c in np.unravel_index(int(fi), shape)) if shape else ""
+        rows.append((r, name, layer_of(name), coords, int(fi), float(sc), None if values is None else float(values[r - 1])))
+    return rows
+
+
+def selection_table(sel: Any, draw: int = 0, lm: Any = None):
+    """The selection as a pandas DataFrame, one row per weight (`TOPK_COLUMNS`)."""
+    import pandas as pd
+
+    rows = _selection_rows(sel, draw, lm)
+    df = pd.DataFrame(rows, columns=list(TOPK_COLUMNS))
+    df["value"] = df["value"].astype(float)
+    return df
+
+
+def write_topk_csv(path: str | os.PathLike, sel: Any, lm: Any = None) -> Path:
+    """top_weights.csv: rank, param, layer, coords, flat_index, score, value (empty
+    without a model), floats as Python's shortest round-trip repr."""
+    import csv as _csv
+    import io
+
+    buf = io.StringIO()
+    w = _csv.writer(buf)
+    w.writerow(TOPK_COLUMNS)
+    for r, name, layer, coords, fi, sc, val in _selection_rows(sel, 0, lm):
+        w.writerow([r, name, layer, coords, fi, repr(sc), "" if val is None else repr(val)])
+    return write_text_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- cache

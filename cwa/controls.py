@@ -29,11 +29,12 @@ order-preserving map from [0, m − |E|) onto the non-excluded positions, so exc
 costs O(K), never O(population). Magnitude bins are enumerated by streaming the weights in
 chunks: nothing of the population's size is ever held.
 
-Randomness: draw d of a control over the whole population uses
-``rng.generator(seed, "control", d)``; a control drawn tensor by tensor (random_k and
-magnitude_matched in per_layer mode, layer_matched always) uses
-``rng.generator(seed, "control", d, param_index)``. Draw d therefore depends only on
-(seed, d) and the reference, never on the number of draws or chunk sizes.
+Randomness: draw d of a control over the whole population reads the counter-based stream
+``rng.stream(seed, "control", d)``; a control drawn tensor by tensor (random_k and
+magnitude_matched in per_layer mode, layer_matched always) reads
+``rng.stream(seed, "control", d, param_index)``; each reads the stream's words in order
+(the top 62 bits of each). Draw d therefore depends only on (seed, d) and the reference,
+never on the number of draws or chunk sizes.
 
 The entries of a random draw are listed in ascending (param_index, flat_index) order;
 their ``score`` is read from the scores at those positions. Random controls have
@@ -43,11 +44,15 @@ their ``score`` is read from the scores at those positions. Random controls have
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from cwa import rng
+from cwa.checks import check_draws, check_seed
 from cwa.errors import UsageError
 from cwa.ranking import (
     DEFAULT_CHUNK_ELEMS,
@@ -62,27 +67,47 @@ from cwa.ranking import (
 )
 from cwa.registry import Registry
 
-CONTROLS: Registry = Registry("control")
+
+@dataclass(frozen=True)
+class Control:
+    """A control's facts, read by the stages and the CLI (no stage branches on a name).
+
+    ``fn(scores, ref, draws=, seed=, weights=, chunk_elems=)`` returns the Selection.
+    ``stochastic``: its draws come from the seed (False: one deterministic draw whatever
+    ``draws`` says, and neither seed nor draws are part of its fingerprint).
+    ``needs_weights``: it reads the model's weights (``weights=``), so it needs ``--model``
+    and the model fingerprint is part of its fingerprint.
+    """
+
+    name: str
+    fn: Callable[..., Selection]
+    stochastic: bool = True
+    needs_weights: bool = False
+    summary: str = ""
+
+
+CONTROLS: Registry[Control] = Registry("control")
 N_MAG_BINS = 100
-_WORD = 1 << 62  # torch.randint over a power-of-two range is exactly uniform
+_WORD_BITS = 62  # the top 62 bits of a word: exactly uniform on [0, 2^62)
+_WORD = 1 << _WORD_BITS
 
 
 # --------------------------------------------------------------------------- sampling
 
 
-def _uniform_ints(gen: torch.Generator, m: int, n: int) -> np.ndarray:
+def _uniform_ints(gen: rng.Stream, m: int, n: int) -> np.ndarray:
     """n iid integers uniform on [0, m), exactly (rejection of the top partial block)."""
     limit = (_WORD // m) * m
     out = np.empty(0, dtype=np.int64)
     while len(out) < n:
         need = n - len(out)
-        w = torch.randint(0, _WORD, (need,), generator=gen, dtype=torch.int64).numpy()
+        w = gen.bits(need, nbits=_WORD_BITS).numpy()
         w = w[w < limit]
         out = np.concatenate([out, w % m])
     return out
 
 
-def sample_distinct(gen: torch.Generator, m: int, k: int) -> np.ndarray:
+def sample_distinct(gen: rng.Stream, m: int, k: int) -> np.ndarray:
     """k distinct integers uniform over the k-subsets of [0, m), sorted ascending."""
     if k < 0 or k > m:
         raise ValueError(f"cannot draw {k} distinct values from {m}")
@@ -98,7 +123,7 @@ def sample_distinct(gen: torch.Generator, m: int, k: int) -> np.ndarray:
     return have
 
 
-def sample_excluding(gen: torch.Generator, m: int, k: int, excluded: np.ndarray) -> np.ndarray:
+def sample_excluding(gen: rng.Stream, m: int, k: int, excluded: np.ndarray) -> np.ndarray:
     """k distinct positions uniform over [0, m) minus ``excluded`` (sorted unique), sorted."""
     excluded = np.asarray(excluded, dtype=np.int64)
     j = sample_distinct(gen, m - len(excluded), k)
@@ -201,7 +226,7 @@ def _random_k(scores, ref: Selection, draws: int, seed: int, **_) -> Selection:
     if ref.mode == "global":
         k, n = len(ref.draws[0]), int(sizes.sum())
         for d in range(draws):
-            pos = sample_distinct(rng.generator(seed, "control", d), n, k)
+            pos = sample_distinct(rng.stream(seed, "control", d), n, k)
             pi = np.searchsorted(offsets, pos, side="right") - 1
             parts.append((pi, pos - offsets[pi]))
     else:
@@ -210,7 +235,7 @@ def _random_k(scores, ref: Selection, draws: int, seed: int, **_) -> Selection:
             pis, fis = [], []
             for p, c in enumerate(counts):
                 if c:
-                    g = rng.generator(seed, "control", d, p)
+                    g = rng.stream(seed, "control", d, p)
                     fis.append(sample_distinct(g, int(sizes[p]), int(c)))
                     pis.append(np.full(int(c), p))
             parts.append((_cat(pis, np.int32), _cat(fis, np.int64)))
@@ -259,7 +284,7 @@ def _layer_matched(scores, ref: Selection, draws: int, seed: int, **_) -> Select
         pis, fis = [], []
         for p, c in enumerate(counts):
             if c:
-                g = rng.generator(seed, "control", d, p)
+                g = rng.stream(seed, "control", d, p)
                 fis.append(sample_excluding(g, int(sizes[p]), int(c), excl[p]))
                 pis.append(np.full(int(c), p))
         parts.append((_cat(pis, np.int32), _cat(fis, np.int64)))
@@ -299,7 +324,35 @@ def _magnitude_matched(
     scores, ref: Selection, draws: int, seed: int, weights, chunk_elems: int, **_
 ) -> Selection:
     names = list(scores.names)
-    sizes = population_sizes(scores)
+    _check_weights(names, population_sizes(scores), weights)
+    edges_np = _mag_edges(weights, names, chunk_elems)
+    edges = torch.from_numpy(edges_np.astype(np.float32))
+    bins = _MagBins(weights, names, chunk_elems, edges, _ref_by_param(ref))
+    groups = [list(range(len(names)))] if ref.mode == "global" else [[p] for p in range(len(names))]
+
+    demand = _mag_demand(bins, groups)
+    chunk_counts, avail = _mag_available(bins, groups)
+    takes, n_fallback = _mag_takes(names, groups, demand, avail)
+    ranks = _mag_ranks(groups, avail, takes, draws, seed, ref.mode)
+    parts = _mag_positions(bins, chunk_counts, ranks, draws)
+    extra = {
+        "n_fallback": n_fallback,
+        "achieved_match": _achieved_match(weights, names, bins.excl, parts),
+        "magnitude_bins": {
+            "n_bins": N_MAG_BINS,
+            "zero_bin": True,
+            "edges": edges_np.tolist(),
+            "topk_counts": demand.sum(axis=0).tolist(),
+        },
+    }
+    return _finish("magnitude_matched", scores, ref, seed, parts, extra)
+
+
+_N_BINS = N_MAG_BINS + 1  # bin 0 (exact zeros) and the log-spaced bins 1..100
+_EXCL_BIN = _N_BINS  # marker for top-K entries inside a chunk
+
+
+def _check_weights(names: list[str], sizes: np.ndarray, weights) -> None:
     if weights is None:
         raise UsageError("magnitude_matched needs the model's weights (pass --model).")
     for p, name in enumerate(names):
@@ -311,56 +364,79 @@ def _magnitude_matched(
                 f"{int(sizes[p])} scores."
             )
 
-    def abs_chunks(p: int):
-        w = weights[names[p]].detach()
-        for start, chunk in iter_chunks(w, chunk_elems):
-            yield start, chunk.to(device="cpu", dtype=torch.float32).abs()
 
-    # pass A: the bin range over the whole population
+def _abs_chunks(weights, name: str, chunk_elems: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, |w| as float32 on the CPU) for each chunk of one tensor."""
+    w = weights[name].detach()
+    for start, chunk in iter_chunks(w, chunk_elems):
+        yield start, chunk.to(device="cpu", dtype=torch.float32).abs()
+
+
+def _mag_edges(weights, names: list[str], chunk_elems: int) -> np.ndarray:
+    """Pass A: the bin edges, from the range of the finite nonzero |w| of the population."""
     lo, hi = math.inf, 0.0
-    for p in range(len(names)):
-        for _, a in abs_chunks(p):
+    for name in names:
+        for _, a in _abs_chunks(weights, name, chunk_elems):
             a = torch.where(torch.isfinite(a), a, 0.0)
             if a.numel():
                 hi = max(hi, float(a.max()))
                 lo = min(lo, float(torch.where(a > 0, a, math.inf).min()))
     if hi <= 0:
         lo, hi = 1.0, 2.0  # every weight is zero: only bin 0 is used
-    edges_np = log_edges_f32(lo, hi, N_MAG_BINS)
-    edges = torch.from_numpy(edges_np.astype(np.float32))
-    n_bins = N_MAG_BINS + 1
-    excl_bin = n_bins  # marker for top-K entries inside a chunk
+    return log_edges_f32(lo, hi, N_MAG_BINS)
 
-    groups = [list(range(len(names)))] if ref.mode == "global" else [[p] for p in range(len(names))]
-    excl = _ref_by_param(ref)
 
-    # the top-K's bins (demand), group by group
-    demand = np.zeros((len(groups), n_bins), dtype=np.int64)
-    group_of = {p: gi for gi, grp in enumerate(groups) for p in grp}
-    for p, fi in excl.items():
-        w = weights[names[p]].detach().reshape(-1)
-        a = w[torch.from_numpy(fi).to(w.device)].to(device="cpu", dtype=torch.float32).abs()
-        demand[group_of[p]] += np.bincount(_mag_bins(a, edges).numpy(), minlength=n_bins)
+@dataclass
+class _MagBins:
+    """What the passes over the weights share: the bin edges and the top-K to leave out."""
 
-    # pass B: available (non-top-K) entries per bin, per chunk, in position order
-    def chunk_bins(p: int, start: int, a: torch.Tensor) -> torch.Tensor:
-        b = _mag_bins(a, edges)
-        fi = excl.get(p)
+    weights: Any
+    names: list[str]
+    chunk_elems: int
+    edges: torch.Tensor
+    excl: dict[int, np.ndarray]  # param index -> the top-K's sorted flat indices
+
+    def chunk_bins(self, p: int, start: int, a: torch.Tensor) -> torch.Tensor:
+        """Bins of one chunk's |w|, the top-K entries marked `_EXCL_BIN`."""
+        b = _mag_bins(a, self.edges)
+        fi = self.excl.get(p)
         if fi is not None:
             lo_i, hi_i = np.searchsorted(fi, [start, start + a.numel()])
-            b[torch.from_numpy(fi[lo_i:hi_i] - start)] = excl_bin
+            b[torch.from_numpy(fi[lo_i:hi_i] - start)] = _EXCL_BIN
         return b
 
+
+def _mag_demand(bins: _MagBins, groups: list[list[int]]) -> np.ndarray:
+    """The top-K's bins (demand), group by group."""
+    demand = np.zeros((len(groups), _N_BINS), dtype=np.int64)
+    group_of = {p: gi for gi, grp in enumerate(groups) for p in grp}
+    for p, fi in bins.excl.items():
+        w = bins.weights[bins.names[p]].detach().reshape(-1)
+        a = w[torch.from_numpy(fi).to(w.device)].to(device="cpu", dtype=torch.float32).abs()
+        demand[group_of[p]] += np.bincount(_mag_bins(a, bins.edges).numpy(), minlength=_N_BINS)
+    return demand
+
+
+def _mag_available(
+    bins: _MagBins, groups: list[list[int]]
+) -> tuple[list[list[tuple[int, int, np.ndarray]]], np.ndarray]:
+    """Pass B: available (non-top-K) entries per bin, per chunk, in position order."""
     chunk_counts: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in groups]
-    avail = np.zeros((len(groups), n_bins), dtype=np.int64)
+    avail = np.zeros((len(groups), _N_BINS), dtype=np.int64)
     for gi, grp in enumerate(groups):
         for p in grp:
-            for start, a in abs_chunks(p):
-                cnt = np.bincount(chunk_bins(p, start, a).numpy(), minlength=n_bins + 1)
-                cnt = cnt[:n_bins].astype(np.int64)
+            for start, a in _abs_chunks(bins.weights, bins.names[p], bins.chunk_elems):
+                cnt = np.bincount(bins.chunk_bins(p, start, a).numpy(), minlength=_N_BINS + 1)
+                cnt = cnt[:_N_BINS].astype(np.int64)
                 chunk_counts[gi].append((p, start, cnt))
                 avail[gi] += cnt
+    return chunk_counts, avail
 
+
+def _mag_takes(
+    names: list[str], groups: list[list[int]], demand: np.ndarray, avail: np.ndarray
+) -> tuple[list[np.ndarray], int]:
+    """Partners per group and bin (`_allocate`), and how many fell back to another bin."""
     takes, n_fallback = [], 0
     for gi, grp in enumerate(groups):
         k_g, a_g = int(demand[gi].sum()), int(avail[gi].sum())
@@ -370,25 +446,44 @@ def _magnitude_matched(
         take, fb = _allocate(demand[gi], avail[gi])
         takes.append(take)
         n_fallback += fb
+    return takes, n_fallback
 
-    # ranks (within each bin's available entries, in position order) for every draw
-    ranks = [[[None] * n_bins for _ in groups] for _ in range(draws)]
+
+def _mag_ranks(
+    groups: list[list[int]],
+    avail: np.ndarray,
+    takes: list[np.ndarray],
+    draws: int,
+    seed: int,
+    mode: str,
+) -> list[list[list[np.ndarray]]]:
+    """ranks[draw][group][bin]: the chosen ranks within each bin's available entries (in
+    position order), one stream per draw (and per tensor in per_layer mode)."""
+    ranks = [[[None] * _N_BINS for _ in groups] for _ in range(draws)]
     for d in range(draws):
         for gi, grp in enumerate(groups):
             g = (
-                rng.generator(seed, "control", d)
-                if ref.mode == "global"
-                else rng.generator(seed, "control", d, grp[0])
+                rng.stream(seed, "control", d)
+                if mode == "global"
+                else rng.stream(seed, "control", d, grp[0])
             )
-            for b in range(n_bins):
+            for b in range(_N_BINS):
                 ranks[d][gi][b] = sample_distinct(g, int(avail[gi, b]), int(takes[gi][b]))
+    return ranks
 
-    # pass C: map ranks to positions, re-reading only chunks that hold a chosen rank
+
+def _mag_positions(
+    bins: _MagBins,
+    chunk_counts: list[list[tuple[int, int, np.ndarray]]],
+    ranks: list[list[list[np.ndarray]]],
+    draws: int,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pass C: map ranks to positions, re-reading only chunks that hold a chosen rank."""
     out_p: list[list[np.ndarray]] = [[] for _ in range(draws)]
     out_f: list[list[np.ndarray]] = [[] for _ in range(draws)]
-    for gi, _grp in enumerate(groups):
-        cum = np.zeros(n_bins, dtype=np.int64)
-        for p, start, cnt in chunk_counts[gi]:
+    for gi, counts in enumerate(chunk_counts):
+        cum = np.zeros(_N_BINS, dtype=np.int64)
+        for p, start, cnt in counts:
             wanted = []  # (bin, draw, chosen ranks local to this chunk)
             for b in np.flatnonzero(cnt):
                 for d in range(draws):
@@ -399,26 +494,15 @@ def _magnitude_matched(
             cum += cnt
             if not wanted:
                 continue
-            w = weights[names[p]].detach().reshape(-1)[start : start + chunk_elems]
-            bins = chunk_bins(p, start, w.to(device="cpu", dtype=torch.float32).abs())
+            w = bins.weights[bins.names[p]].detach().reshape(-1)[start : start + bins.chunk_elems]
+            chunk = bins.chunk_bins(p, start, w.to(device="cpu", dtype=torch.float32).abs())
             members: dict[int, np.ndarray] = {}
             for b, d, local in wanted:
                 if b not in members:
-                    members[b] = torch.nonzero(bins == b).flatten().numpy()
+                    members[b] = torch.nonzero(chunk == b).flatten().numpy()
                 out_f[d].append(start + members[b][local])
                 out_p[d].append(np.full(len(local), p))
-    parts = [(_cat(out_p[d], np.int32), _cat(out_f[d], np.int64)) for d in range(draws)]
-    extra = {
-        "n_fallback": n_fallback,
-        "achieved_match": _achieved_match(weights, names, excl, parts),
-        "magnitude_bins": {
-            "n_bins": N_MAG_BINS,
-            "zero_bin": True,
-            "edges": edges_np.tolist(),
-            "topk_counts": demand.sum(axis=0).tolist(),
-        },
-    }
-    return _finish("magnitude_matched", scores, ref, seed, parts, extra)
+    return [(_cat(out_p[d], np.int32), _cat(out_f[d], np.int64)) for d in range(draws)]
 
 
 MATCH_QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -456,13 +540,12 @@ def _achieved_match(weights, names, excl: dict, parts) -> dict:
             "within_2x": within}
 
 
-CONTROLS.add("random_k", _random_k, aliases=("random",))
-CONTROLS.add("bottom_k", _bottom_k, aliases=("bottom",))
-CONTROLS.add("layer_matched", _layer_matched)
-CONTROLS.add("magnitude_matched", _magnitude_matched)
-
-#: controls with one deterministic draw whatever ``draws`` says
-DETERMINISTIC = frozenset({"bottom_k"})
+CONTROLS.add("random_k", Control("random_k", _random_k, summary="K uniformly random weights"), aliases=("random",))
+CONTROLS.add("bottom_k", Control("bottom_k", _bottom_k, stochastic=False, summary="the K lowest-scored weights"),
+             aliases=("bottom",))
+CONTROLS.add("layer_matched", Control("layer_matched", _layer_matched, summary="random, same count per tensor as the top-K"))
+CONTROLS.add("magnitude_matched", Control("magnitude_matched", _magnitude_matched, needs_weights=True,
+                                          summary="random, same tensor and |w| bin as each top-K weight"))
 
 
 def make_control(
@@ -488,10 +571,10 @@ def make_control(
         )
     if not ref.draws:
         raise UsageError("The reference selection has no draw.")
-    if isinstance(draws, bool) or int(draws) < 1:
-        raise UsageError(f"--control-draws must be at least 1, got {draws!r}.")
-    draws = 1 if name in DETERMINISTIC else int(draws)
-    fn = CONTROLS.get(name)
-    return fn(
-        scores, ref, draws=draws, seed=int(seed), weights=weights, chunk_elems=int(chunk_elems)
+    ctl = CONTROLS.get(name)
+    draws = check_draws(draws) if ctl.stochastic else 1
+    if ctl.needs_weights and weights is None:
+        raise UsageError(f"--kind {name} needs --model (it reads the model's weights)")
+    return ctl.fn(
+        scores, ref, draws=draws, seed=check_seed(seed), weights=weights, chunk_elems=int(chunk_elems)
     )

@@ -281,22 +281,31 @@ def count_window_bytes(stream: TokenStream, tokenizer, seq_len: int, windows, ta
     bytes of a character that has no piece) are first replaced by the one-byte piece
     `<0x41>`, so that a character cut by a window boundary does not decode to U+FFFD: each
     of its bytes counts in the window holding its byte token, as with byte-level tokens."""
-    import bisect
-
     import numpy as np
 
     body = _body_len(tokenizer, seq_len)
     skip = 0 if tokenizer.bos_token_id is not None else 1  # the first token of a window is context
-    out = np.zeros(len(windows), dtype=np.int64)
     if byte_level is None:
         byte_level = _is_byte_level(tokenizer)
     if byte_level:
         tab = byte_lengths(tokenizer, byte_level=True) if table is None else table
+        out = np.zeros(len(windows), dtype=np.int64)
         for r, k in enumerate(windows):
             ids = stream.ids[k * body + skip : (k + 1) * body]
             out[r] = int(tab[np.minimum(np.asarray(ids, dtype=np.int64), len(tab) - 1)].sum())
         return out
+    return _decoded_window_bytes(stream, tokenizer, windows, body, skip)
 
+
+def _decoded_window_bytes(stream: TokenStream, tokenizer, windows, body: int, skip: int):
+    """`count_window_bytes` for a tokenizer that is not byte-level: each document span of a
+    window decoded after `_CONTEXT` tokens of the document before it, minus those tokens'
+    decoded length; byte-fallback pieces replaced by `<0x41>` first. `[len(windows)]` int64."""
+    import bisect
+
+    import numpy as np
+
+    out = np.zeros(len(windows), dtype=np.int64)
     remap = _byte_piece_placeholders(tokenizer)
     docs: dict[int, list[int]] = {}
 
@@ -305,12 +314,6 @@ def count_window_bytes(stream: TokenStream, tokenizer, seq_len: int, windows, ta
             d = stream.docs[i]
             docs[i] = [remap.get(t, t) for t in d] if remap else d
         return docs[i]
-
-    def n_bytes(ids: list[int]) -> int:
-        if not ids:
-            return 0
-        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return len(text.encode("utf-8"))
 
     for r, k in enumerate(windows):
         a, b = k * body + skip, (k + 1) * body  # the window's targets: stream[a:b]
@@ -322,10 +325,18 @@ def count_window_bytes(stream: TokenStream, tokenizer, seq_len: int, windows, ta
             if lo < hi:
                 d = doc(i)
                 c = max(0, lo - _CONTEXT)
-                total += n_bytes(d[c:hi]) - n_bytes(d[c:lo])
+                total += _decoded_bytes(tokenizer, d[c:hi]) - _decoded_bytes(tokenizer, d[c:lo])
             i += 1
         out[r] = total
     return out
+
+
+def _decoded_bytes(tokenizer, ids: list[int]) -> int:
+    """UTF-8 length of the decoded ids (no special tokens, no clean-up of spaces)."""
+    if not ids:
+        return 0
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return len(text.encode("utf-8"))
 
 
 def _byte_piece_placeholders(tokenizer) -> dict[int, int]:
@@ -453,8 +464,8 @@ def prepare_data(
     `calib_samples` / `eval_samples` None means all available windows."""
     context = model_context(config)
     vocab = getattr(config, "vocab_size", None)
-    has_bos = tokenizer.bos_token_id is not None
     npy_data = data is not None and data.endswith(".npy")
+    allw = None
     if npy_data:
         # the file's width is the window length: checked (against --seq-len and the
         # model's context) with the file named, before anything else
@@ -462,9 +473,40 @@ def prepare_data(
         seq = int(allw.shape[1])
     else:
         seq = resolve_seq_len(seq_len, context)
-    table: dict = {}  # whether the tokenizer is byte-level, and its table: found once
+    win = _Windower(tokenizer, seq, tokenizer.bos_token_id is not None)
+    calib_all, eval_all, calib_src, eval_src = _data_parts(
+        win, data, allw, need_calib, need_eval, split=eval_data is None
+    )
+    if eval_data is not None and need_eval:
+        eval_src = eval_data
+        if eval_data.endswith(".npy"):
+            width_from = (
+                f"the width of the --data windows ({data})" if npy_data
+                else "--seq-len" if seq_len is not None else "the default --seq-len"
+            )
+            eval_all = _Part(read_npy(eval_data, seq, vocab, context, "--eval-data", width_from), False)
+        else:
+            eval_all = win.part(read_documents(eval_data), f"--eval-data {eval_data}")
+    calib = ev = None
+    if need_calib:
+        calib = _sample(calib_all, calib_samples, data_seed, "data", "calib", calib_src)
+    if need_eval:
+        ev = _sample(eval_all, eval_samples, 0, "eval", "eval", eval_src)
+    return DataSplit(calib, ev, seq)
 
-    def from_docs(docs, label) -> _Part:
+
+@dataclass
+class _Windower:
+    """Cuts documents into windows of `seq` tokens; whether the tokenizer is byte-level,
+    and its byte table, are found once for every source."""
+
+    tokenizer: Any
+    seq: int
+    has_bos: bool
+    table: dict = field(default_factory=dict)
+
+    def part(self, docs: list[str], label: str) -> _Part:
+        tokenizer, seq, table = self.tokenizer, self.seq, self.table
         stream = tokenize_stream(docs, tokenizer)
         w = make_windows(docs, tokenizer, seq, stream=stream)
         if w.shape[0] == 0:
@@ -478,52 +520,46 @@ def prepare_data(
                 table["table"] = byte_lengths(tokenizer, byte_level=True) if bl else None
             return count_window_bytes(stream, tokenizer, seq, idx, table["table"], table["byte_level"])
 
-        return _Part(w, has_bos, bytes_of)
+        return _Part(w, self.has_bos, bytes_of)
 
+
+def _data_parts(
+    win: _Windower, data: str | None, allw: Any, need_calib: bool, need_eval: bool, split: bool
+) -> tuple[_Part | None, _Part | None, str, str]:
+    """All calibration and evaluation windows of `--data` (the embedded corpus when None;
+    `allw`: the windows of a `.npy` file), and their sources. `split`: no `--eval-data`,
+    so evaluation windows come from `--data` too."""
     calib_all = eval_all = None
-    calib_src = eval_src = ""
     if data is None:
         from cwa import assets
 
         calib_src, eval_src = "embedded:calibration", "embedded:evaluation"
         if need_calib:
-            calib_all = from_docs(assets.split_documents("calibration"), calib_src)
-        if need_eval and eval_data is None:
-            eval_all = from_docs(assets.split_documents("evaluation"), eval_src)
-    elif npy_data:
-        calib_src = eval_src = data
-        calib_all, eval_all = _split_windows(_Part(allw, False), eval_data is None)
+            calib_all = win.part(assets.split_documents("calibration"), calib_src)
+        if need_eval and split:
+            eval_all = win.part(assets.split_documents("evaluation"), eval_src)
+        return calib_all, eval_all, calib_src, eval_src
+    if allw is not None:
+        calib_all, eval_all = _split_windows(_Part(allw, False), split)
+        return calib_all, eval_all, data, data
+    docs = read_documents(data)
+    if split and len(docs) >= 10:
+        cal_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
+        ev_docs = [d for i, d in enumerate(docs) if i % 10 == 9]
+        calib_all = win.part(cal_docs, f"--data {data} (calibration documents)")
+        eval_all = win.part(ev_docs, f"--data {data} (evaluation documents)")
     else:
-        docs = read_documents(data)
-        calib_src = eval_src = data
-        if eval_data is None and len(docs) >= 10:
-            cal_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
-            ev_docs = [d for i, d in enumerate(docs) if i % 10 == 9]
-            calib_all = from_docs(cal_docs, f"--data {data} (calibration documents)")
-            eval_all = from_docs(ev_docs, f"--data {data} (evaluation documents)")
-        else:
-            calib_all, eval_all = _split_windows(from_docs(docs, f"--data {data}"), eval_data is None)
-    if eval_data is not None and need_eval:
-        eval_src = eval_data
-        if eval_data.endswith(".npy"):
-            width_from = (
-                f"the width of the --data windows ({data})" if npy_data
-                else "--seq-len" if seq_len is not None else "the default --seq-len"
-            )
-            eval_all = _Part(read_npy(eval_data, seq, vocab, context, "--eval-data", width_from), False)
-        else:
-            eval_all = from_docs(read_documents(eval_data), f"--eval-data {eval_data}")
+        calib_all, eval_all = _split_windows(win.part(docs, f"--data {data}"), split)
+    return calib_all, eval_all, data, data
 
-    calib = ev = None
-    if need_calib:
-        n = calib_all.ids.shape[0]
-        idx = list(range(n)) if calib_samples is None else sample_indices(n, calib_samples, data_seed, "data", "calib")
-        calib = calib_all.take(idx, calib_src, n)
-    if need_eval:
-        n = eval_all.ids.shape[0]
-        idx = list(range(n)) if eval_samples is None else sample_indices(n, eval_samples, 0, "eval", "eval")
-        ev = eval_all.take(idx, eval_src, n)
-    return DataSplit(calib, ev, seq)
+
+def _sample(
+    part: _Part, samples: int | None, seed: int, purpose: str, what: str, source: str
+) -> Windows:
+    """`samples` windows of `part` drawn with `seed` (all of them when None)."""
+    n = part.ids.shape[0]
+    idx = list(range(n)) if samples is None else sample_indices(n, samples, seed, purpose, what)
+    return part.take(idx, source, n)
 
 
 def _split_windows(part: _Part, split: bool) -> tuple[_Part, _Part | None]:

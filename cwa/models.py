@@ -41,6 +41,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,19 @@ def load_model(
         kwargs["attn_implementation"] = "eager"
     if device_map:
         kwargs["device_map"] = device_map
+    loader = _loader(src, model, kwargs, dev, device_map)
+    handle = LoadedModel(loader, tok, config, src.name, _source_fingerprint(src), dtype_name, dev,
+                         revision, src.kind, commit=src.commit, checkpoint=src.folder)
+    if not lazy:
+        handle.model  # noqa: B018 - load now
+    return handle
+
+
+def _loader(
+    src: _Source, model: str | None, kwargs: dict[str, Any], dev: str, device_map: str | None
+) -> Callable[[], Any]:
+    """The function that loads the weights (now, or on first use of a lazy handle): on
+    `dev` unless a device map places them, in eval mode, without gradients."""
 
     def loader():
         from transformers import AutoModelForCausalLM
@@ -220,15 +234,14 @@ def load_model(
             p.requires_grad_(False)
         return m
 
+    return loader
+
+
+def _source_fingerprint(src: _Source) -> str | None:
+    """The checkpoint's fingerprint: of the `.gguf` file, or of the folder's weights."""
     if src.gguf is not None:
-        fp = gguf_fingerprint(src.gguf)
-    else:
-        fp = checkpoint_fingerprint(src.folder, src.commit) if src.folder is not None else None
-    handle = LoadedModel(loader, tok, config, src.name, fp, dtype_name, dev, revision, src.kind,
-                         commit=src.commit, checkpoint=src.folder)
-    if not lazy:
-        handle.model  # noqa: B018 - load now
-    return handle
+        return gguf_fingerprint(src.gguf)
+    return checkpoint_fingerprint(src.folder, src.commit) if src.folder is not None else None
 
 
 def _locate(model: str | None, revision: str | None) -> _Source:

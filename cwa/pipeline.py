@@ -30,23 +30,19 @@ from typing import Any
 
 from cwa import __version__
 from cwa import artifacts as A
+from cwa import checks as C
 from cwa.console import log
 from cwa.errors import UsageError
 from cwa.stages import (
     DataOptions,
     ModelOptions,
     StageResult,
-    _check_mode,
-    _check_rank_by,
-    check_draws,
     check_perturb_options,
-    check_seed,
     control_stage,
     perturb_stage,
     rank_stage,
     score_stage,
     stability_stage,
-    write_topk_csv,
 )
 
 
@@ -71,10 +67,37 @@ class RunConfig:
     hutchinson_samples: int = 8
     mc_samples: int = 1
     obd: bool = False
+    score_dtype: str = "float32"
     include: list[str] | None = None
     exclude: list[str] | None = None
     force: bool = False
     verbose: bool = False
+
+    def __post_init__(self) -> None:
+        """Accept the forms a notebook writes: `model="gpt2"`, `data="corpus.txt"`,
+        `topk=100`, `seeds=0`, `controls="random_k,bottom_k"` (normalized in place)."""
+        if not isinstance(self.model, ModelOptions):
+            self.model = ModelOptions(model=None if self.model is None else str(self.model))
+        if not isinstance(self.data, DataOptions):
+            self.data = DataOptions(data=None if self.data is None else str(self.data))
+        self.topk = _int_list(self.topk, "--topk")
+        self.seeds = _int_list(self.seeds, "--seeds")
+        if isinstance(self.controls, str):
+            self.controls = parse_controls(self.controls)
+        self.controls = list(self.controls)
+        if self.out_dir is not None:
+            self.out_dir = Path(self.out_dir)
+
+
+def _int_list(v: Any, flag: str) -> list[int]:
+    if isinstance(v, str):
+        return parse_int_list(v, flag)
+    vals = [v] if isinstance(v, int) else list(v)
+    if not vals or not all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
+        raise UsageError(f"{flag} {v!r}: expected an integer or a list of integers")
+    if len(set(vals)) != len(vals):
+        raise UsageError(f"{flag} {v!r}: contains duplicates")
+    return vals
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
@@ -119,134 +142,191 @@ def _ksuf(cfg: RunConfig, k: int) -> str:
 
 
 def run(cfg: RunConfig, argv: list[str] | None = None) -> Path:
-    """Run the whole experiment; returns the output directory."""
+    """Run the whole experiment; returns the output directory. `cfg` is not changed."""
+    started, t_start = A.now_iso(), time.perf_counter()
+    cfg, stability = _resolved(cfg)
+    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
+    previous = claim_out_dir(out)
+    (out / "artifacts").mkdir(parents=True, exist_ok=True)
     from cwa.metrics import METRICS
 
-    started = A.now_iso()
-    t_start = time.perf_counter()
+    lm = cfg.model.load(second_order=METRICS.get(cfg.metric).second_order, lazy=True)
+    r = _Run(cfg, out, lm)
+    _check_space(r)
+    for seed in cfg.seeds:
+        r.one_seed(seed)
+    if stability:
+        r.stability()
+    results = _write_reports(r)
+    plots = _plots(r) if cfg.save_plots else []
+    A.write_json(out / "config.json", _config_dict(cfg, out, stability))
+    removed = remove_stale(out, _produced(r, results is not None, plots))
+    this_run = {
+        "command_line": argv if argv is not None else sys.argv, "cwd": os.getcwd(), "started": started,
+        "finished": A.now_iso(), "seconds": round(time.perf_counter() - t_start, 3), "stages": r.stages,
+        "all_cache_hits": all(s.get("cache_hit") for s in r.stages if s["stage"] != "plot"),
+        "removed_stale": removed,
+    }
+    A.write_json(out / "experiment_manifest.json", _manifest(r, this_run, previous, plots))
+    return out
+
+
+def _resolved(cfg: RunConfig) -> tuple[RunConfig, bool]:
+    """A checked copy of `cfg` (names resolved) and whether the stability stage runs.
+    Every value is checked before any work, so a typo never costs a scoring pass."""
+    import dataclasses
+
+    from cwa.metrics import METRICS
+
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), data=dataclasses.replace(cfg.data))
     cfg.metric = METRICS.resolve(cfg.metric)
-    # Every value is checked before any work, so a typo never costs a scoring pass.
     if cfg.perturb != "none":
         cfg.perturb, _, _ = check_perturb_options(
             cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, cfg.bit, dtype=_load_dtype(cfg)
         )
     for k in cfg.topk:
-        if k <= 0:
-            raise UsageError(f"--topk {k}: K must be a positive integer")
+        C.check_topk(k)
     for s in cfg.seeds:
-        check_seed(s, "--seeds")
-    if cfg.data.data_seed is not None:
-        check_seed(cfg.data.data_seed, "--data-seed")
-    _check_mode(cfg.mode)
-    _check_rank_by(cfg.rank_by)
-    check_draws(cfg.control_draws)
+        C.check_seed(s, "--seeds")
+    C.check_mode(cfg.mode)
+    C.check_rank_by(cfg.rank_by)
+    C.check_draws(cfg.control_draws)
+    C.check_score_dtype(cfg.score_dtype, METRICS.get(cfg.metric))
     cfg.data.validate()
     stability = cfg.stability_check if cfg.stability_check is not None else len(cfg.seeds) > 1
     if stability and len(cfg.seeds) < 2:
         log("note: --stability-check needs two or more seeds; skipped with one seed")
         stability = False
-    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
-    previous = claim_out_dir(out)
-    art = out / "artifacts"
-    art.mkdir(parents=True, exist_ok=True)
+    return cfg, stability
 
-    second = bool(getattr(METRICS.get(cfg.metric), "second_order", False))
-    lm = cfg.model.load(second_order=second, lazy=True)
-    stages: list[dict[str, Any]] = []
 
-    def record(stage: str, seed: int | None, k: int | None, r: StageResult) -> StageResult:
-        stages.append(
-            {"stage": stage, "seed": seed, "k": k, "path": str(r.path.relative_to(out)),
+@dataclass
+class _Run:
+    """One `cwa run` in progress: its stages' records and artifact paths."""
+
+    cfg: RunConfig
+    out: Path
+    lm: Any
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    scores: dict[int, Path] = field(default_factory=dict)
+    topk: dict[tuple[int, int], Path] = field(default_factory=dict)
+    controls: dict[tuple[int, int, str], Path] = field(default_factory=dict)
+    perturb: dict[tuple[int, int], Path] = field(default_factory=dict)
+    stab: dict[int, Path] = field(default_factory=dict)
+
+    @property
+    def art(self) -> Path:
+        return self.out / "artifacts"
+
+    def record(self, stage: str, seed: int | None, k: int | None, r: StageResult) -> Path:
+        self.stages.append(
+            {"stage": stage, "seed": seed, "k": k, "path": str(r.path.relative_to(self.out)),
              "fingerprint": r.fingerprint, "cache_hit": r.cached, "seconds": round(r.seconds, 4)}
         )
-        log(f"{stage:9s} seed={seed} k={k}: {'cache hit' if r.cached else f'{r.seconds:.1f}s'}", verbose_only=not cfg.verbose)
-        return r
+        log(f"{stage:9s} seed={seed} k={k}: {'cache hit' if r.cached else f'{r.seconds:.1f}s'}",
+            verbose_only=not self.cfg.verbose)
+        return r.path
 
-    scores_paths: dict[int, Path] = {}
-    topk_paths: dict[tuple[int, int], Path] = {}
-    control_paths: dict[tuple[int, int, str], Path] = {}
-    perturb_paths: dict[tuple[int, int], Path] = {}
-    for seed in cfg.seeds:
+    def one_seed(self, seed: int) -> None:
+        """score -> (rank -> controls -> perturb) for each K."""
+        cfg = self.cfg
         r = score_stage(
-            lm, cfg.data, metric=cfg.metric, seed=seed, mc_samples=cfg.mc_samples,
+            self.lm, cfg.data, metric=cfg.metric, seed=seed, mc_samples=cfg.mc_samples,
             hutchinson_samples=cfg.hutchinson_samples, obd=cfg.obd, include=cfg.include,
-            exclude=cfg.exclude, output=art / f"scores_seed{seed}.safetensors", force=cfg.force,
+            exclude=cfg.exclude, score_dtype=cfg.score_dtype, output=self.art / f"scores_seed{seed}.safetensors", force=cfg.force,
         )
-        scores_paths[seed] = record("score", seed, None, r).path
+        self.scores[seed] = self.record("score", seed, None, r)
         for k in cfg.topk:
-            suf = _ksuf(cfg, k)
-            r = rank_stage(scores_paths[seed], topk=k, mode=cfg.mode, rank_by=cfg.rank_by,
-                           output=art / f"topk_seed{seed}{suf}.h5", force=cfg.force)
-            topk_paths[seed, k] = record("rank", seed, k, r).path
-            for c in cfg.controls:
-                r = control_stage(
-                    scores_paths[seed], kind=c, ref=topk_paths[seed, k], draws=cfg.control_draws,
-                    seed=seed, lm=lm if c == "magnitude_matched" else None,
-                    output=art / f"{c}_seed{seed}{suf}.h5", force=cfg.force,
-                )
-                control_paths[seed, k, c] = record("control", seed, k, r).path
-            if cfg.perturb != "none":
-                sels = [topk_paths[seed, k]] + [control_paths[seed, k, c] for c in cfg.controls]
-                r = perturb_stage(
-                    lm, cfg.data, sels, method=cfg.perturb, scale=cfg.perturb_scale,
-                    prob=cfg.perturb_prob, bit=cfg.bit, seed=seed,
-                    output=art / f"perturb_seed{seed}{suf}.h5", force=cfg.force,
-                )
-                perturb_paths[seed, k] = record("perturb", seed, k, r).path
+            self.one_k(seed, k)
 
-    stab_paths: dict[int, Path] = {}
-    if stability:
+    def one_k(self, seed: int, k: int) -> None:
+        from cwa.controls import CONTROLS
+
+        cfg, suf = self.cfg, _ksuf(self.cfg, k)
+        r = rank_stage(self.scores[seed], topk=k, mode=cfg.mode, rank_by=cfg.rank_by,
+                       output=self.art / f"topk_seed{seed}{suf}.h5", force=cfg.force)
+        self.topk[seed, k] = self.record("rank", seed, k, r)
+        for c in cfg.controls:
+            r = control_stage(
+                self.scores[seed], kind=c, ref=self.topk[seed, k], draws=cfg.control_draws, seed=seed,
+                lm=self.lm if CONTROLS.get(c).needs_weights else None,
+                output=self.art / f"{c}_seed{seed}{suf}.h5", force=cfg.force,
+            )
+            self.controls[seed, k, c] = self.record("control", seed, k, r)
+        if cfg.perturb != "none":
+            sels = [self.topk[seed, k]] + [self.controls[seed, k, c] for c in cfg.controls]
+            r = perturb_stage(
+                self.lm, cfg.data, sels, method=cfg.perturb, scale=cfg.perturb_scale, prob=cfg.perturb_prob,
+                bit=cfg.bit, seed=seed, output=self.art / f"perturb_seed{seed}{suf}.h5", force=cfg.force,
+            )
+            self.perturb[seed, k] = self.record("perturb", seed, k, r)
+
+    def stability(self) -> None:
+        cfg = self.cfg
         for k in cfg.topk:
             r = stability_stage(
-                [scores_paths[s] for s in cfg.seeds], topk=k, rank_by=cfg.rank_by, mode=cfg.mode,
-                output=art / f"stability{_ksuf(cfg, k)}.h5", force=cfg.force,
+                [self.scores[s] for s in cfg.seeds], topk=k, rank_by=cfg.rank_by, mode=cfg.mode,
+                output=self.art / f"stability{_ksuf(cfg, k)}.h5", force=cfg.force,
             )
-            stab_paths[k] = record("stability", None, k, r).path
+            self.stab[k] = self.record("stability", None, k, r)
 
-    # Top-level reports (cheap; rewritten from the artifacts every time).
+
+def _check_space(r: _Run) -> None:
+    """Before any work: room for the scores of every seed not already on disk (the other
+    artifacts are small). 8 B weights are 32 GB of float32 scores per seed."""
+    from cwa.stages import SPACE_FIXES, scores_bytes
+
+    cfg = r.cfg
+    todo = [s for s in cfg.seeds if cfg.force or not (r.art / f"scores_seed{s}.safetensors").is_file()]
+    if todo:
+        need = len(todo) * scores_bytes(r.lm, cfg.include, cfg.exclude, cfg.score_dtype)
+        A.check_free_space(r.art / "scores", need, f"--out-dir {r.out} ({len(todo)} seeds of scores)", SPACE_FIXES)
+
+
+def _write_reports(r: _Run) -> dict[str, Any] | None:
+    """The top-level reports (cheap; rewritten from the artifacts every time)."""
+    cfg, out = r.cfg, r.out
     s0, k0 = cfg.seeds[0], cfg.topk[0]
-    sel0, art0 = A.read_selection(topk_paths[s0, k0])
-    A.write_json(out / "sensitivity_stats.json", {"metric": cfg.metric, "seed": s0, "k": k0, **(art0.doc or {}).get("stats", {}),
-                                                  "all_seeds": {str(s): str(scores_paths[s].relative_to(out)) for s in cfg.seeds}})
-    write_topk_csv(out / "top_weights.csv", sel0, A.open_scores(scores_paths[s0]), lm)
-    results = _perturbation_report(cfg, perturb_paths) if perturb_paths else None
+    sel0 = A.read_selection(r.topk[s0, k0])
+    A.write_json(out / "sensitivity_stats.json", {
+        "metric": cfg.metric, "seed": s0, "k": k0, **(sel0.doc or {}).get("stats", {}),
+        "all_seeds": {str(s): str(r.scores[s].relative_to(out)) for s in cfg.seeds}})
+    A.write_topk_csv(out / "top_weights.csv", sel0, r.lm)
+    results = _perturbation_report(cfg, r.perturb) if r.perturb else None
     if results is not None:
         A.write_json(out / "perturbation_results.json", results)
-    A.write_json(out / "control_baselines.json", _control_report(cfg, topk_paths, control_paths, results))
-    if stab_paths:
-        A.write_json(out / "stability_results.json", A.read_h5(stab_paths[k0]).doc)
+    A.write_json(out / "control_baselines.json", _control_report(cfg, r.topk, r.controls, results))
+    if r.stab:
+        A.write_json(out / "stability_results.json", A.read_stability(r.stab[k0]).doc)
+    return results
 
-    plots: list[str] = []
-    if cfg.save_plots:
-        t0 = time.perf_counter()
-        from cwa.plotting import plot_artifacts
 
-        plot_inputs = [topk_paths[s, k] for s in cfg.seeds for k in cfg.topk]
-        plot_inputs += [perturb_paths[s, k] for s in cfg.seeds for k in cfg.topk if (s, k) in perturb_paths]
-        plot_inputs += [stab_paths[k] for k in cfg.topk if k in stab_paths]
-        plots = [str(p.relative_to(out)) for p in plot_artifacts(plot_inputs, out / "plots")]
-        stages.append({"stage": "plot", "seconds": round(time.perf_counter() - t0, 4), "cache_hit": False,
-                       "files": plots})
+def _plots(r: _Run) -> list[str]:
+    from cwa.plots import plot_artifacts
 
-    config = _config_dict(cfg, out, stability)
-    A.write_json(out / "config.json", config)
-    produced = {out / "config.json", out / "experiment_manifest.json", out / "sensitivity_stats.json",
-                out / "top_weights.csv", out / "control_baselines.json"}
-    produced |= {out / "perturbation_results.json"} if results is not None else set()
-    produced |= {out / "stability_results.json"} if stab_paths else set()
-    produced |= {out / s["path"] for s in stages if "path" in s} | {out / f for f in plots}
-    removed = remove_stale(out, produced)
-    this_run = {
-        "command_line": argv if argv is not None else sys.argv,
-        "cwd": os.getcwd(),
-        "started": started,
-        "finished": A.now_iso(),
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "stages": stages,
-        "all_cache_hits": all(s.get("cache_hit") for s in stages if s["stage"] != "plot"),
-        "removed_stale": removed,
-    }
-    manifest = {
+    t0 = time.perf_counter()
+    cfg = r.cfg
+    inputs = [r.topk[s, k] for s in cfg.seeds for k in cfg.topk]
+    inputs += [r.perturb[s, k] for s in cfg.seeds for k in cfg.topk if (s, k) in r.perturb]
+    inputs += [r.stab[k] for k in cfg.topk if k in r.stab]
+    plots = [str(p.relative_to(r.out)) for p in plot_artifacts(inputs, r.out / "plots")]
+    r.stages.append({"stage": "plot", "seconds": round(time.perf_counter() - t0, 4), "cache_hit": False,
+                     "files": plots})
+    return plots
+
+
+def _produced(r: _Run, results: bool, plots: list[str]) -> set[Path]:
+    out = r.out
+    produced = {out / n for n in ("config.json", "experiment_manifest.json", "sensitivity_stats.json",
+                                  "top_weights.csv", "control_baselines.json")}
+    produced |= {out / "perturbation_results.json"} if results else set()
+    produced |= {out / "stability_results.json"} if r.stab else set()
+    return produced | {out / s["path"] for s in r.stages if "path" in s} | {out / f for f in plots}
+
+
+def _manifest(r: _Run, this_run: dict[str, Any], previous: dict[str, Any] | None, plots: list[str]) -> dict[str, Any]:
+    lm = r.lm
+    return {
         "cwa_version": __version__,
         **{k: this_run[k] for k in ("command_line", "cwd", "started", "finished", "seconds")},
         "versions": _versions(),
@@ -255,15 +335,13 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> Path:
         "model": {"name": lm.name, "fingerprint": lm.fingerprint, "dtype": lm.dtype, "device": lm.device,
                   "revision": lm.revision, "commit": getattr(lm, "commit", None), "source": lm.source,
                   "loaded": lm.loaded},
-        "data": _data_fingerprints(scores_paths, perturb_paths),
-        "stages": _with_compute_timings(stages, previous, started),
-        "artifacts": {str(p.relative_to(out)): _fp_of(p) for p in sorted(art.iterdir()) if not p.name.startswith(".")},
+        "data": _data_fingerprints(r.scores, r.perturb),
+        "stages": _with_compute_timings(r.stages, previous, this_run["started"]),
+        "artifacts": {str(p.relative_to(r.out)): _fp_of(p) for p in sorted(r.art.iterdir()) if not p.name.startswith(".")},
         "plots": plots,
         "all_cache_hits": this_run["all_cache_hits"],
         "runs": (previous.get("runs") or [] if previous else []) + [this_run],
     }
-    A.write_json(out / "experiment_manifest.json", manifest)
-    return out
 
 
 MARKER = ".cwa-run"  # marks a directory as a cwa run's output directory
@@ -404,11 +482,11 @@ def _controls_of_seed(cfg, seed, topk_paths, control_paths, summary) -> dict[str
     import numpy as np
 
     k0 = cfg.topk[0]
-    ref, _ = A.read_selection(topk_paths[seed, k0])
+    ref = A.read_selection(topk_paths[seed, k0])
     ref_keys = set(zip(ref.draws[0].param_index.tolist(), ref.draws[0].flat_index.tolist(), strict=True))
     rep: dict[str, Any] = {}
     for c in cfg.controls:
-        sel, _ = A.read_selection(control_paths[seed, k0, c])
+        sel = A.read_selection(control_paths[seed, k0, c])
         overlaps = [
             len(ref_keys & set(zip(d.param_index.tolist(), d.flat_index.tolist(), strict=True))) for d in sel.draws
         ]

@@ -40,13 +40,18 @@ bin width (a factor ``(max/min_pos)**(1/n_bins)``) of it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from cwa.checks import check_mode, check_topk
 from cwa.errors import CwaError, UsageError
+from cwa.registry import check_choice
 
 DEFAULT_CHUNK_ELEMS = 2**24
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
@@ -99,6 +104,13 @@ class Selection:
     params: list[str]  # scored names in the scores' param order
     draws: list[Draw]  # top-K/bottom-K: one draw, in rank order
     info: dict = field(default_factory=dict)
+    # Record (what `cwa.artifacts.write_selection` stores and `read_selection` restores):
+    fingerprint: str = ""  # the stage fingerprint
+    provenance: dict = field(default_factory=dict)  # scores, model, shapes, ...
+    doc: Any = None  # the JSON document (top-K: {"stats": ...})
+    arrays: dict = field(default_factory=dict)  # extra datasets (top-K: "stats/..." histograms)
+    path: Path | None = None  # where it was read from or saved to
+    model: Any = field(default=None, repr=False)  # the LoadedModel, in memory only (values)
 
     @property
     def n_draws(self) -> int:
@@ -106,6 +118,39 @@ class Selection:
 
     def per_tensor_counts(self, draw: int = 0) -> np.ndarray:
         return self.draws[draw].counts(len(self.params))
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor shapes the selection was made for (from its provenance)."""
+        got = self.provenance.get("shapes") or {}
+        return {n: tuple(int(x) for x in v) for n, v in got.items()}
+
+    def to_pandas(self, draw: int = 0, lm: Any = None):
+        """One row per selected weight: rank, param, layer, coords, flat_index, score,
+        value (the weight in `lm`, or in the model it was scored on when that is in
+        memory; NaN when neither is)."""
+        from cwa.artifacts import selection_table
+
+        return selection_table(self, draw=draw, lm=lm if lm is not None else self.model)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the `selection/1` artifact (atomically)."""
+        from cwa.artifacts import write_selection
+
+        self.path = write_selection(path, self)
+        return self.path
+
+
+class ScoresSource(Protocol):
+    """What ranking, statistics, controls and stability read: `cwa.artifacts.Scores`
+    (in memory), `cwa.artifacts.ScoresFile` (a file, read piece by piece) and
+    `DictScores` all are one. `chunks(name, n)` is optional (else `get` is sliced)."""
+
+    names: list[str]
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
 
 
 class DictScores:
@@ -156,17 +201,30 @@ def source_chunks(scores, name: str, chunk_elems: int) -> Iterator[tuple[int, to
 
 
 def _check_args(k: int, mode: str, rank_by: str) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise UsageError(f"K must be a positive integer, got {k!r}.")
-    if mode not in MODES:
-        raise UsageError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
-    if rank_by not in RANK_BY:
-        raise UsageError(f"Unknown rank_by {rank_by!r}; use one of {', '.join(RANK_BY)}.")
+    check_topk(k)
+    check_mode(mode)
+    check_choice("--rank-by", rank_by, RANK_BY)
 
 
 def _key(raw: torch.Tensor, rank_by: str, lowest: bool) -> torch.Tensor:
     key = raw.abs() if rank_by == "abs" else raw
     return -key if lowest else key
+
+
+class _Scratch:
+    """Reusable float32/bool/int32 buffers for per-chunk temporaries: a fresh 4 MB
+    tensor per chunk costs a page fault per 4 KB on first touch (about as much as the
+    arithmetic), so each temporary of a pass lives in one buffer, sized for the largest
+    chunk."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[(name, dtype)] = torch.empty(n, dtype=dtype)
+        return buf[:n]
 
 
 class _TopKStream:
@@ -187,6 +245,17 @@ class _TopKStream:
         self.thr: float | None = None
         self.tied_val = -math.inf
         self.tied_out = 0
+        self.scratch = _Scratch()
+
+    def key_of(self, raw: torch.Tensor, rank_by: str, lowest: bool) -> torch.Tensor:
+        """The keys of a chunk, in a scratch buffer (`feed` copies what it keeps)."""
+        if rank_by == "value" and not lowest:
+            return raw
+        buf = self.scratch.get("key", raw.numel())
+        if rank_by == "abs":
+            torch.abs(raw, out=buf)
+            return buf.neg_() if lowest else buf
+        return torch.neg(raw, out=buf)
 
     def _rejected(self, value: float, count: int) -> None:
         if count <= 0:
@@ -213,12 +282,22 @@ class _TopKStream:
     def feed(self, start: int, key: torch.Tensor, raw: torch.Tensor) -> None:
         """Offer one chunk; ``start`` is the position of its first entry."""
         if self.thr is not None:
+            # one comparison per entry; the few survivors are split into ties and entrants
             thr_t = torch.tensor(self.thr, dtype=key.dtype)
-            self._rejected(self.thr, int((key == thr_t).sum()))
-            idx = torch.nonzero(key > thr_t).flatten()
+            mask = self.scratch.get("mask", key.numel(), torch.bool).numpy()
+            np.greater_equal(key.numpy(), np.float32(self.thr), out=mask)  # numpy's: 10x torch's
+            idx = torch.from_numpy(np.flatnonzero(mask))
             if idx.numel() == 0:
                 return
             key, raw = key[idx], raw[idx]
+            eq = key == thr_t
+            n_eq = int(eq.sum())
+            if n_eq:
+                self._rejected(self.thr, n_eq)
+                keep = torch.nonzero(~eq).flatten()
+                if keep.numel() == 0:
+                    return
+                idx, key, raw = idx[keep], key[keep], raw[keep]
         else:
             idx = None
         if key.numel() > self.k:
@@ -255,17 +334,41 @@ class _TopKStream:
         return pos.numpy(), raw.numpy(), ties, kth
 
 
-def _scan_tensor(scores, name: str, chunk_elems: int):
-    """Yield (start, float32 flat chunk) of one score tensor, raising on NaN."""
+def _top_key(chunk: torch.Tensor, rank_by: str, lowest: bool) -> float:
+    """The largest key of a non-empty float32 chunk, from one reduction (no temporary but
+    for the bottom-K by |s|); NaN when the chunk holds a NaN (min and max propagate it)."""
+    if rank_by == "abs" and lowest:
+        return -float(chunk.abs().min())
+    lo, hi = (float(v) for v in torch.aminmax(chunk))
+    if math.isnan(lo) or math.isnan(hi):
+        return math.nan
+    if rank_by == "abs":
+        return max(-lo, hi)
+    return -lo if lowest else hi
+
+
+def _stream_tensor(
+    stream: _TopKStream, scores, name: str, offset: int, chunk_elems: int, rank_by: str,
+    lowest: bool,
+) -> None:
+    """Feed every chunk of one score tensor (positions from ``offset``), raising on NaN.
+
+    The common case, once the stream has a threshold, is a chunk whose largest key is
+    below it: then nothing in it can enter or tie, and the chunk costs one reduction."""
     for start, chunk in source_chunks(scores, name, chunk_elems):
         chunk = chunk.float()
-        if bool(torch.isnan(chunk).any()):
+        if chunk.numel() == 0:
+            continue
+        top = _top_key(chunk, rank_by, lowest)
+        if math.isnan(top):
             n_nan = int(torch.isnan(chunk).sum())
             raise CwaError(
                 f"Scores of {name!r} contain NaN (at least {n_nan} entries); NaN cannot be "
                 "ranked. Re-score, or check the model and data for non-finite values."
             )
-        yield start, chunk
+        if stream.thr is not None and top < stream.thr:
+            continue
+        stream.feed(offset + start, stream.key_of(chunk, rank_by, lowest), chunk)
 
 
 def _rank(scores, k, mode, rank_by, chunk_elems, lowest, kind, seed) -> Selection:
@@ -273,51 +376,16 @@ def _rank(scores, k, mode, rank_by, chunk_elems, lowest, kind, seed) -> Selectio
     k = int(k)
     names = list(scores.names)
     sizes = population_sizes(scores)
-    n_total = int(sizes.sum())
-    if mode == "global" and k > n_total:
-        raise UsageError(
-            f"K = {k} is larger than the scored population ({n_total} entries); "
-            f"choose K <= {n_total}."
-        )
-    if n_total == 0:
-        raise UsageError("The scored population is empty.")
-
+    n_total = _check_population(k, mode, sizes)
     info: dict = {"n_population": n_total}
     if mode == "global":
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        stream = _TopKStream(k)
-        for p, name in enumerate(names):
-            for start, chunk in _scan_tensor(scores, name, chunk_elems):
-                stream.feed(int(offsets[p]) + start, _key(chunk, rank_by, lowest), chunk)
-        pos, raw, ties, kth = stream.finish()
-        param_index = np.searchsorted(offsets, pos, side="right") - 1
-        flat_index = pos - offsets[param_index]
-        info["kth_key"] = -kth if lowest else kth
+        draw, ties, kth = _rank_global(scores, names, sizes, k, rank_by, chunk_elems, lowest)
+        info["kth_key"] = kth
     else:
-        parts_p, parts_f, parts_s = [], [], []
-        ties = 0
-        kth_keys = []
-        for p, name in enumerate(names):
-            n = int(sizes[p])
-            if n == 0:
-                kth_keys.append(None)
-                continue
-            kt = min(k, n)
-            stream = _TopKStream(kt)
-            for start, chunk in _scan_tensor(scores, name, chunk_elems):
-                stream.feed(start, _key(chunk, rank_by, lowest), chunk)
-            pos, raw, t_ties, kth = stream.finish()
-            if n > k:
-                ties += t_ties
-            kth_keys.append(-kth if lowest else kth)
-            parts_p.append(np.full(len(pos), p, dtype=np.int32))
-            parts_f.append(pos)
-            parts_s.append(raw)
-        param_index = np.concatenate(parts_p) if parts_p else np.zeros(0, np.int32)
-        flat_index = np.concatenate(parts_f) if parts_f else np.zeros(0, np.int64)
-        raw = np.concatenate(parts_s) if parts_s else np.zeros(0, np.float32)
+        draw, ties, kth_keys = _rank_per_layer(
+            scores, names, sizes, k, rank_by, chunk_elems, lowest
+        )
         info["kth_key_per_tensor"] = kth_keys
-    draw = Draw(param_index, flat_index, raw)
     info["per_tensor_counts"] = [draw.counts(len(names)).tolist()]
     return Selection(
         kind=kind,
@@ -331,6 +399,74 @@ def _rank(scores, k, mode, rank_by, chunk_elems, lowest, kind, seed) -> Selectio
         draws=[draw],
         info=info,
     )
+
+
+def _check_population(k: int, mode: str, sizes: np.ndarray) -> int:
+    """The number of scored entries, refusing an empty population or a global K above it."""
+    n_total = int(sizes.sum())
+    if mode == "global" and k > n_total:
+        raise UsageError(
+            f"K = {k} is larger than the scored population ({n_total} entries); "
+            f"choose K <= {n_total}."
+        )
+    if n_total == 0:
+        raise UsageError("The scored population is empty.")
+    return n_total
+
+
+def _rank_global(
+    scores,
+    names: list[str],
+    sizes: np.ndarray,
+    k: int,
+    rank_by: str,
+    chunk_elems: int,
+    lowest: bool,
+) -> tuple[Draw, int, float]:
+    """One stream over every tensor (positions offset by tensor): the draw, the ties at
+    K and the K-th key."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    stream = _TopKStream(k)
+    for p, name in enumerate(names):
+        _stream_tensor(stream, scores, name, int(offsets[p]), chunk_elems, rank_by, lowest)
+    pos, raw, ties, kth = stream.finish()
+    param_index = np.searchsorted(offsets, pos, side="right") - 1
+    flat_index = pos - offsets[param_index]
+    return Draw(param_index, flat_index, raw), ties, -kth if lowest else kth
+
+
+def _rank_per_layer(
+    scores,
+    names: list[str],
+    sizes: np.ndarray,
+    k: int,
+    rank_by: str,
+    chunk_elems: int,
+    lowest: bool,
+) -> tuple[Draw, int, list[float | None]]:
+    """One stream per tensor (min(K, size) entries each): the draw, the ties at K summed
+    over the tensors larger than K, and each tensor's K-th key (None when empty)."""
+    parts_p, parts_f, parts_s = [], [], []
+    ties = 0
+    kth_keys: list[float | None] = []
+    for p, name in enumerate(names):
+        n = int(sizes[p])
+        if n == 0:
+            kth_keys.append(None)
+            continue
+        stream = _TopKStream(min(k, n))
+        _stream_tensor(stream, scores, name, 0, chunk_elems, rank_by, lowest)
+        pos, raw, t_ties, kth = stream.finish()
+        if n > k:
+            ties += t_ties
+        kth_keys.append(-kth if lowest else kth)
+        parts_p.append(np.full(len(pos), p, dtype=np.int32))
+        parts_f.append(pos)
+        parts_s.append(raw)
+    param_index = np.concatenate(parts_p) if parts_p else np.zeros(0, np.int32)
+    flat_index = np.concatenate(parts_f) if parts_f else np.zeros(0, np.int64)
+    raw = np.concatenate(parts_s) if parts_s else np.zeros(0, np.float32)
+    return Draw(param_index, flat_index, raw), ties, kth_keys
 
 
 def topk(
@@ -382,19 +518,30 @@ class _Moments:
         self.min = math.inf
         self.max = -math.inf
 
-    def add_chunk(self, x: torch.Tensor, a: torch.Tensor) -> None:
-        """x: finite float32 values, a: their absolute values."""
+    def add_chunk(self, x: torch.Tensor, a: torch.Tensor, lo: float, hi: float) -> None:
+        """x: finite float32 values, a: their absolute values, lo/hi: their min and max."""
         nb = x.numel()
         if nb == 0:
             return
-        c = torch.tensor(float(x.sum(dtype=torch.float64)) / nb, dtype=x.dtype)
+        c = float(x.sum())  # float32 cascade sum: c is only a shift, any value near the mean
+        if not math.isfinite(c):
+            c = float(x.sum(dtype=torch.float64))
+        c = torch.tensor(c / nb, dtype=x.dtype)
         d = x - c
-        s1 = float(d.sum(dtype=torch.float64))
-        s2 = float(d.square_().sum(dtype=torch.float64))
-        self.abs_sum += float(a.sum(dtype=torch.float64))
-        lo, hi = torch.aminmax(x)
-        self.min = min(self.min, float(lo))
-        self.max = max(self.max, float(hi))
+        # Σd carries the mean's low digits: float64 (numpy's pairwise sum, 2x torch's);
+        # Σd² and Σ|x| are sums of non-negative terms, float32 cascade sums are within a
+        # few ulps of them (float64 where a float32 sum would overflow)
+        s1 = float(np.sum(d.numpy(), dtype=np.float64))
+        s2 = float(d.square_().sum())
+        if not math.isfinite(s2):  # |x − c| beyond float32's square root of its range
+            dd = x.double() - float(c)
+            s1, s2 = float(dd.sum()), float(dd.square_().sum())
+        abs_sum = float(a.sum())
+        if not math.isfinite(abs_sum):
+            abs_sum = float(a.sum(dtype=torch.float64))
+        self.abs_sum += abs_sum
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
         self._merge(nb, float(c) + s1 / nb, max(s2 - s1 * s1 / nb, 0.0))
 
     def merge(self, other: _Moments) -> None:
@@ -486,74 +633,24 @@ def sensitivity_stats(
     if n_bins <= 0:
         raise UsageError(f"n_bins must be positive, got {n_bins}.")
     names = list(scores.names)
-
-    def finite_chunks(name: str):
-        for _, chunk in source_chunks(scores, name, chunk_elems):
-            x = chunk.float()
-            if not bool(torch.isfinite(x).all()):
-                finite = torch.isfinite(x)
-                yield x[finite], int(x.numel() - finite.sum())
-            else:
-                yield x, 0
-
-    moments = []
-    n_zero = np.zeros(len(names), dtype=np.int64)
-    n_nonfinite = np.zeros(len(names), dtype=np.int64)
-    abs_lo, abs_hi = math.inf, 0.0
-    for p, name in enumerate(names):
-        mom = _Moments()
-        for x, n_bad in finite_chunks(name):
-            n_nonfinite[p] += n_bad
-            a = x.abs()
-            n_zero[p] += int((a == 0).sum())
-            mom.add_chunk(x, a)
-            if a.numel():
-                abs_hi = max(abs_hi, float(a.max()))
-                abs_lo = min(abs_lo, float(torch.where(a > 0, a, math.inf).min()))
-        moments.append(mom)
-
+    moments, n_zero, n_nonfinite, abs_lo, abs_hi = _moments_pass(scores, names, chunk_elems)
     edges = log_edges_f32(abs_lo, abs_hi, n_bins) if abs_hi > 0 else None
-    counts = np.zeros((len(names), n_bins), dtype=np.int64)
-    if edges is not None:
-        edges_t = torch.from_numpy(edges.astype(np.float32))
-        for p, name in enumerate(names):
-            for x, _ in finite_chunks(name):
-                full = torch.bincount(bin_abs(x.abs(), edges_t), minlength=n_bins + 2).numpy()
-                counts[p] += full[1 : n_bins + 1]
-                counts[p, -1] += full[n_bins + 1]  # the maximum itself
-
-    sel_counts = None
-    sel_total = 0
-    if selection is not None:
-        if list(selection.params) != names:
-            raise UsageError("The selection was made from scores with other parameters.")
-        sel_counts = selection.per_tensor_counts(0)
-        sel_total = int(sel_counts.sum())
+    counts = _histogram_pass(scores, names, chunk_elems, edges, n_bins)
+    sel_counts = _selection_counts(selection, names)
 
     def block(mom: _Moments, count: int, nz: int, nnf: int, hist: np.ndarray) -> dict:
-        return {
-            "count": int(count),
-            "mean": mom.mean if mom.n else None,
-            "std": math.sqrt(mom.m2 / mom.n) if mom.n else None,
-            "min": mom.min if mom.n else None,
-            "max": mom.max if mom.n else None,
-            "abs_mean": mom.abs_sum / mom.n if mom.n else None,
-            "n_zero": int(nz),
-            "n_nonfinite": int(nnf),
-            "abs_quantiles": _abs_quantiles(hist, int(nz), edges, abs_lo, abs_hi),
-        }
+        quantiles = _abs_quantiles(hist, int(nz), edges, abs_lo, abs_hi)
+        return _stats_block(mom, count, nz, nnf, quantiles)
 
     per: dict[str, dict] = {}
     total = _Moments()
     sizes = population_sizes(scores)
     for p, name in enumerate(names):
         total.merge(moments[p])
-        d = block(moments[p], sizes[p], n_zero[p], n_nonfinite[p], counts[p])
-        d["shape"] = list(scores.shape(name))
+        per[name] = block(moments[p], sizes[p], n_zero[p], n_nonfinite[p], counts[p])
+        per[name]["shape"] = list(scores.shape(name))
         if sel_counts is not None:
-            d["topk_count"] = int(sel_counts[p])
-            d["topk_share"] = float(sel_counts[p]) / sel_total if sel_total else 0.0
-        per[name] = d
+            per[name].update(_topk_share(sel_counts, p))
     stats = {
         "metric": str(getattr(scores, "metric", "")),
         "n_params": len(names),
@@ -568,11 +665,154 @@ def sensitivity_stats(
     }
     if selection is not None:
         stats["selection"] = {"kind": selection.kind, "k": selection.k, "mode": selection.mode}
-    hist = {
-        "params": names,
-        "edges": edges,
-        "counts": counts,
-        "zeros": n_zero,
-        "nonfinite": n_nonfinite,
-    }
+    hist = dict(params=names, edges=edges, counts=counts, zeros=n_zero, nonfinite=n_nonfinite)
     return stats, hist
+
+
+def _finite_chunks(
+    scores, name: str, chunk_elems: int
+) -> Iterator[tuple[torch.Tensor, int, float, float]]:
+    """(the finite values of a chunk as float32, how many were not finite, their min and
+    max); the common all-finite chunk costs one reduction (min/max propagate NaN)."""
+    for _, chunk in source_chunks(scores, name, chunk_elems):
+        x = chunk.float()
+        if x.numel() == 0:
+            continue
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if math.isfinite(lo) and math.isfinite(hi):
+            yield x, 0, lo, hi
+            continue
+        x = x[torch.isfinite(x)]
+        n_bad = chunk.numel() - x.numel()
+        if x.numel():
+            lo, hi = (float(v) for v in torch.aminmax(x))
+        yield x, n_bad, lo, hi
+
+
+def _moments_pass(
+    scores, names: list[str], chunk_elems: int
+) -> tuple[list[_Moments], np.ndarray, np.ndarray, float, float]:
+    """Pass 1: each tensor's moments, zeros and non-finite entries, and the range of the
+    positive finite |s| over all tensors."""
+    moments = []
+    n_zero = np.zeros(len(names), dtype=np.int64)
+    n_nonfinite = np.zeros(len(names), dtype=np.int64)
+    abs_lo, abs_hi = math.inf, 0.0
+    for p, name in enumerate(names):
+        mom = _Moments()
+        for x, n_bad, lo, hi in _finite_chunks(scores, name, chunk_elems):
+            n_nonfinite[p] += n_bad
+            if x.numel() == 0:
+                continue
+            a = x.abs()
+            a_lo, a_hi = (float(v) for v in torch.aminmax(a))
+            abs_hi = max(abs_hi, a_hi)
+            if a_lo == 0:
+                an = a.numpy()
+                is_zero = an == 0
+                n_zero[p] += int(np.count_nonzero(is_zero))
+                a_lo = float(np.min(an, where=~is_zero, initial=np.inf))
+            abs_lo = min(abs_lo, a_lo)
+            mom.add_chunk(x, a, lo, hi)
+        moments.append(mom)
+    return moments, n_zero, n_nonfinite, abs_lo, abs_hi
+
+
+class _LogBinner:
+    """``bincount(bin_abs(a, edges))`` for float32 |s| by arithmetic instead of a binary
+    search: t = (log2 a − log2 e₀)·n/(log2 eₙ − log2 e₀) + 1 in float32, bin = ⌊t⌋.
+
+    Exact against the stored float32 edges: the same float32 arithmetic puts edge i at
+    Tᵢ (a few ulps from i), and t is non-decreasing in a up to ``margin`` (log2 within
+    one ulp, then correctly rounded operations), so an entry whose t is further than
+    ``delta`` = max|Tᵢ − i| + margin from every integer is in bin ⌊t⌋. The rest (a
+    fraction of about 2·delta of the entries, an entry exactly on an edge among them)
+    are binned by ``torch.bucketize`` against the edges. Ranges too narrow for that
+    (delta ≥ 1/16) or subnormal edges use ``bucketize`` for every entry.
+    """
+
+    def __init__(self, edges: np.ndarray) -> None:
+        e32 = edges.astype(np.float32)
+        self.n = len(e32) - 1
+        self.edges_t = torch.from_numpy(e32)
+        l0, l1 = math.log2(float(e32[0])), math.log2(float(e32[-1]))
+        self.shift = float(np.float32(l0))
+        self.scale = float(np.float32(self.n / (l1 - l0)))
+        big = max(1.0, abs(l0), abs(l1))
+        margin = 4 * 2.0**-23 * (self.scale * big + self.n + 2)
+        dev = np.abs(self._t(torch.log2(self.edges_t)).double().numpy() - np.arange(1, self.n + 2)).max()
+        self.delta = float(dev) + margin
+        self.exact = not (self.delta < 1 / 16 and float(e32[0]) >= 2.0**-126)
+
+    def _t(self, log2a: torch.Tensor) -> torch.Tensor:
+        """t from log2 |s|, in place; zeros (log2 = −inf) clamp to 1/2: bin 0."""
+        return log2a.sub_(self.shift).mul_(self.scale).add_(1.0).clamp_(0.5, self.n + 1.5)
+
+    def counts(self, a: torch.Tensor) -> np.ndarray:
+        """Entries per ``bucketize(right=True)`` bin of ``a``, int64 [n + 2]."""
+        n2 = self.n + 2
+        if self.exact:
+            return torch.bincount(bin_abs(a, self.edges_t), minlength=n2).numpy()
+        t = self._t(torch.log2(a))
+        g = t.to(torch.int32)  # t >= 1/2: truncation is the floor
+        full = torch.bincount(g, minlength=n2).numpy()
+        tn = t.numpy()
+        frac = np.rint(tn)
+        np.subtract(tn, frac, out=frac)
+        near = np.flatnonzero(np.abs(frac, out=frac) <= self.delta)
+        if near.size:
+            idx = torch.from_numpy(near)
+            exact = bin_abs(a[idx], self.edges_t).numpy()
+            gn = g.numpy()[near]
+            full += np.bincount(exact, minlength=n2) - np.bincount(gn, minlength=n2)
+        return full
+
+
+def _histogram_pass(
+    scores, names: list[str], chunk_elems: int, edges: np.ndarray | None, n_bins: int
+) -> np.ndarray:
+    """Pass 2: counts of the positive finite |s| per tensor and log bin (the maximum in
+    the last bin); all zero when no entry is positive."""
+    counts = np.zeros((len(names), n_bins), dtype=np.int64)
+    if edges is None:
+        return counts
+    binner = _LogBinner(edges)
+    for p, name in enumerate(names):
+        for x, _, _, _ in _finite_chunks(scores, name, chunk_elems):
+            full = binner.counts(x.abs())
+            counts[p] += full[1 : n_bins + 1]
+            counts[p, -1] += full[n_bins + 1]  # the maximum itself
+    return counts
+
+
+def _stats_block(mom: _Moments, count: int, nz: int, nnf: int, quantiles: dict) -> dict:
+    """One summary (a tensor or the whole population)."""
+    return {
+        "count": int(count),
+        "mean": mom.mean if mom.n else None,
+        "std": math.sqrt(mom.m2 / mom.n) if mom.n else None,
+        "min": mom.min if mom.n else None,
+        "max": mom.max if mom.n else None,
+        "abs_mean": mom.abs_sum / mom.n if mom.n else None,
+        "n_zero": int(nz),
+        "n_nonfinite": int(nnf),
+        "abs_quantiles": quantiles,
+    }
+
+
+def _selection_counts(selection: Selection | None, names: list[str]) -> np.ndarray | None:
+    """The selection's draw-0 entries per tensor (None without a selection)."""
+    if selection is None:
+        return None
+    if list(selection.params) != names:
+        raise UsageError("The selection was made from scores with other parameters.")
+    return selection.per_tensor_counts(0)
+
+
+def _topk_share(sel_counts: np.ndarray, p: int) -> dict:
+    """The selection's entries in tensor `p` and their share of the selection."""
+    sel_total = int(sel_counts.sum())
+    return {
+        "topk_count": int(sel_counts[p]),
+        "topk_share": float(sel_counts[p]) / sel_total if sel_total else 0.0,
+    }

@@ -35,6 +35,12 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T, *, aliases: tuple[str, ...] = ()) -> T:
         return self.register(name, aliases=aliases)(obj)
 
+    def remove(self, name: str) -> T:
+        """Unregister `name` and its aliases (a plugin or a test cleaning up); returns it."""
+        obj = self._items.pop(name)
+        self._aliases = {a: n for a, n in self._aliases.items() if n != name}
+        return obj
+
     def resolve(self, name: str) -> str:
         key = name.strip()
         if key in self._items:

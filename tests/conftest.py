@@ -11,6 +11,9 @@ import torch
 torch.set_num_threads(1)
 # The model fingerprint memoizes file hashes in a user cache: keep tests out of ~/.cache.
 os.environ.setdefault("CWA_CACHE_DIR", tempfile.mkdtemp(prefix="cwa-test-cache-"))
+# Progress lines in a log come every 10 s: on a loaded machine a slow test would see them
+# between the lines it checks; tests of progress itself set the interval they need.
+os.environ["CWA_PROGRESS_INTERVAL"] = "inf"
 
 
 @pytest.fixture(autouse=True)

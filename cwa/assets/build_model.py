@@ -46,6 +46,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from cwa.assets import (
     ASSETS_DIR,
@@ -330,12 +331,18 @@ def rewrite_model_hashes(hashes: dict[str, str]) -> None:
 
 def write_model_card(record: dict) -> None:
     """Write the short human-readable summary ``cwa/assets/MODEL_CARD.md``."""
-    s, r, b = record["settings"], record["results"], record["results"]["baselines"]
-    ev, cal, tr = r["evaluation"], r["calibration"], r["train"]
-    sp = record["split"]
-    load = record["load_average_1min_before_after"]
     card = (
-        f"""# {EMBEDDED_MODEL_NAME}
+        _card_architecture(record)
+        + _card_data(record)
+        + _card_training(record)
+        + _card_results(record)
+    )
+    MODEL_CARD_PATH.write_text(card, encoding="utf-8")
+
+
+def _card_architecture(record: dict) -> str:
+    s = record["settings"]
+    return f"""# {EMBEDDED_MODEL_NAME}
 
 The default model of `cwa`: a small GPT-2-architecture causal language model with its own
 byte-level BPE tokenizer, trained from scratch on the *train* part of the embedded corpus
@@ -353,7 +360,13 @@ offline in seconds on a real GPT-2 (`transformers.pytorch_utils.Conv1D` layers, 
 - Tokenizer: byte-level BPE (GPT-2 scheme, no prefix space), `<|endoftext|>` is BOS, EOS
   and UNK.
 
-## Data
+"""
+
+
+def _card_data(record: dict) -> str:
+    s, sp = record["settings"], record["split"]
+    return (
+        f"""## Data
 
 The embedded corpus: CPython 3.11.7's `pydoc_data.topics` (English help texts of the
 standard library), PSF License Version 2 (see `corpus/LICENSE-PSF.txt`), SHA-256
@@ -371,7 +384,13 @@ The tokenizer and the model saw only the train part. Windows: documents tokenize
 special tokens, joined with EOS, cut into `[BOS] + {s["seq_len"] - 1}` tokens; training
 windows start at random offsets of the train stream.
 
-## Training
+"""
+    )
+
+
+def _card_training(record: dict) -> str:
+    s, load = record["settings"], record["load_average_1min_before_after"]
+    return f"""## Training
 
 AdamW (betas {s["betas"]}, weight decay {s["weight_decay"]} on matrices), {s["steps"]}
 steps of {s["batch_size"]} windows, learning rate {s["lr"]} with {s["warmup_steps"]} warmup
@@ -384,7 +403,13 @@ other processes shared the cores and slowed training down). torch {record["versi
 All settings: `model/training_settings.json`. Only the calibration loss was watched
 during training; the evaluation part gives the numbers below and nothing else.
 
-## Results (eval mode, mean next-token NLL over the targets, BOS excluded)
+"""
+
+
+def _card_results(record: dict) -> str:
+    r, b = record["results"], record["results"]["baselines"]
+    ev, cal, tr = r["evaluation"], r["calibration"], r["train"]
+    return f"""## Results (eval mode, mean next-token NLL over the targets, BOS excluded)
 
 | part | windows | NLL | perplexity | token accuracy |
 |---|---|---|---|---|
@@ -403,8 +428,6 @@ guess has perplexity {record["vocab_size"]}.
 The model weights and tokenizer are derived from the PSF-licensed corpus above; the
 training texts are unchanged Python documentation (notice in `corpus/LICENSE-PSF.txt`).
 """
-    )
-    MODEL_CARD_PATH.write_text(card, encoding="utf-8")
 
 
 def directory_bytes(path: Path) -> int:
@@ -415,37 +438,10 @@ def directory_bytes(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="train and evaluate, save nothing")
-    parser.add_argument(
-        "--card-only",
-        action="store_true",
-        help="only rewrite MODEL_CARD.md from model/training_settings.json (no training)",
-    )
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting (for experiments), e.g. --set steps=200",
-    )
-    args = parser.parse_args(argv)
+    args, settings = _parse_args(argv)
     if args.card_only:
-        # The card lies outside MODEL_DIR (not hashed): its wording can change freely.
-        record = json.loads((MODEL_DIR / "training_settings.json").read_text(encoding="utf-8"))
-        record["model_dir_bytes"] = directory_bytes(MODEL_DIR)
-        write_model_card(record)
-        print(f"rewrote {MODEL_CARD_PATH}")
+        _rewrite_card()
         return
-
-    settings = dict(SETTINGS)
-    for item in args.set:
-        key, value = item.split("=", 1)
-        if key not in settings:
-            parser.error(f"unknown setting {key}")
-        settings[key] = (
-            type(settings[key])(value) if not isinstance(settings[key], list) else json.loads(value)
-        )
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -463,6 +459,87 @@ def main(argv: list[str] | None = None) -> None:
     # Other processes on a shared machine slow training down: record the load so that
     # the training time can be judged.
     load_before = os.getloadavg()
+    tokenizer, streams, windows, split_info = _prepare_corpus(settings)
+    model = build_model(tokenizer, settings)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters")
+    training = train(
+        model, streams["train"], tokenizer.bos_token_id, windows["calibration"], settings
+    )
+    model.eval()
+    results = _evaluate_parts(model, tokenizer, streams, windows, settings)
+    load_after = os.getloadavg()
+    if args.dry_run:
+        return
+
+    _save_model(model, tokenizer)
+    record = {
+        "model_name": EMBEDDED_MODEL_NAME,
+        "settings": settings,
+        "corpus_sha256": CORPUS_SHA256,
+        "split": split_info,
+        "vocab_size": len(tokenizer),
+        "parameters": n_params,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+        "machine": f"{platform.machine()} CPU, {settings['num_threads']} threads",
+        "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        "training_seconds": round(training["seconds"], 1),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "training_log": training["log"],
+        "results": results,
+    }
+    _write_record(record)
+
+
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+    """The command line, and the settings with its `--set` overrides applied."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="train and evaluate, save nothing")
+    parser.add_argument(
+        "--card-only",
+        action="store_true",
+        help="only rewrite MODEL_CARD.md from model/training_settings.json (no training)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting (for experiments), e.g. --set steps=200",
+    )
+    args = parser.parse_args(argv)
+    settings = dict(SETTINGS)
+    if args.card_only:
+        return args, settings
+    for item in args.set:
+        key, value = item.split("=", 1)
+        if key not in settings:
+            parser.error(f"unknown setting {key}")
+        settings[key] = (
+            type(settings[key])(value) if not isinstance(settings[key], list) else json.loads(value)
+        )
+    return args, settings
+
+
+def _rewrite_card() -> None:
+    """`--card-only`: the card from the saved record (no training)."""
+    # The card lies outside MODEL_DIR (not hashed): its wording can change freely.
+    record = json.loads((MODEL_DIR / "training_settings.json").read_text(encoding="utf-8"))
+    record["model_dir_bytes"] = directory_bytes(MODEL_DIR)
+    write_model_card(record)
+    print(f"rewrote {MODEL_CARD_PATH}")
+
+
+def _prepare_corpus(
+    settings: dict,
+) -> tuple[Any, dict[str, list[int]], dict[str, Any], dict[str, dict]]:
+    """The tokenizer trained on the train part, each part's token stream and windows, and
+    the split's summary (printed)."""
     split = corpus_split()
     docs = {part: split_documents(part) for part in split}
     tokenizer = train_tokenizer(
@@ -485,20 +562,17 @@ def main(argv: list[str] | None = None) -> None:
             f"{part:12s} {info['topics']:3d} topics {info['characters']:7d} chars "
             f"{info['tokens']:6d} tokens {info['windows']:4d} windows"
         )
+    return tokenizer, streams, windows, split_info
 
-    model = build_model(tokenizer, settings)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters")
-    training = train(
-        model, streams["train"], tokenizer.bos_token_id, windows["calibration"], settings
-    )
-    model.eval()
-    results = {part: evaluate(model, windows[part], settings["eval_batch_size"]) for part in docs}
+
+def _evaluate_parts(model, tokenizer, streams: dict, windows: dict, settings: dict) -> dict:
+    """Each part's results and the baselines, printed (with a warning when the model
+    barely beats the most-frequent-token baseline)."""
+    results = {part: evaluate(model, windows[part], settings["eval_batch_size"]) for part in windows}
     results["baselines"] = baselines(streams["train"], windows["evaluation"], len(tokenizer))
     results["baselines"]["most_frequent_token"] = tokenizer.decode(
         [results["baselines"]["most_frequent_token_id"]]
     )
-    load_after = os.getloadavg()
     ev, base = results["evaluation"], results["baselines"]
     print(
         f"evaluation: perplexity {ev['perplexity']:.2f}, token accuracy {ev['token_accuracy']:.4f}; "
@@ -508,9 +582,11 @@ def main(argv: list[str] | None = None) -> None:
     ratio = ev["token_accuracy"] / base["most_frequent_token_accuracy"]
     if ratio < 3:
         print(f"WARNING: token accuracy only {ratio:.2f}x the most-frequent-token baseline")
-    if args.dry_run:
-        return
+    return results
 
+
+def _save_model(model, tokenizer) -> None:
+    """A fresh MODEL_DIR holding the model and tokenizer, world-readable."""
     if MODEL_DIR.exists():
         shutil.rmtree(MODEL_DIR)
     MODEL_DIR.mkdir(parents=True)
@@ -518,26 +594,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer.save_pretrained(MODEL_DIR)
     for path in MODEL_DIR.iterdir():
         path.chmod(0o644)  # safetensors writes 0600; the package must be world-readable
-    record = {
-        "model_name": EMBEDDED_MODEL_NAME,
-        "settings": settings,
-        "corpus_sha256": CORPUS_SHA256,
-        "split": split_info,
-        "vocab_size": len(tokenizer),
-        "parameters": n_params,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
-        },
-        "machine": f"{platform.machine()} CPU, {settings['num_threads']} threads",
-        "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "training_seconds": round(training["seconds"], 1),
-        "total_seconds": round(time.perf_counter() - t_start, 1),
-        "training_log": training["log"],
-        "results": results,
-    }
+
+
+def _write_record(record: dict) -> None:
+    """training_settings.json, the model card and the MODEL_SHA256 block."""
     settings_path = MODEL_DIR / "training_settings.json"
     settings_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     # Known only once every file is written, so it goes into the model card only.

@@ -40,7 +40,14 @@ EvalSamplesOpt = Annotated[int, typer.Option("--eval-samples", help="Number of e
 SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default 256, or the model's context if smaller).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass (does not change results).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random draw of this stage.")]
-MetricOpt = Annotated[str, typer.Option("--metric", help="magnitude, grad_x_weight, grad_squared, hessian_diag, hutchinson_diag, act_mag.")]
+def _metric_help() -> str:
+    """The metric choices from the registry (cwa.metrics imports no torch)."""
+    from cwa.metrics import METRICS
+
+    return ", ".join(METRICS.names()) + "."
+
+
+MetricOpt = Annotated[str, typer.Option("--metric", help=_metric_help())]
 TopkOpt = Annotated[int, typer.Option("--topk", "-k", help="K: number of weights (per tensor in per_layer mode).")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="global or per_layer.")]
 RankByOpt = Annotated[str | None, typer.Option("--rank-by", help="abs (default) or value.")]
@@ -56,3 +63,6 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when a c
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More log lines on stderr.")]
 IncludeOpt = Annotated[list[str] | None, typer.Option("--include", help="Glob on parameter names to score (repeatable).")]
 ExcludeOpt = Annotated[list[str] | None, typer.Option("--exclude", help="Glob on parameter names not to score (repeatable).")]
+ScoreDtypeOpt = Annotated[
+    str, typer.Option("--score-dtype", help="Stored scores: float32 (default), bfloat16 (half the disk), float16 (magnitude).")
+]

@@ -88,3 +88,10 @@ def report(result, verbose: bool = False) -> None:
     else:
         log(f"wrote {result.path} ({result.seconds:.1f}s)", verbose_only=True)
     emit(result.path)
+
+
+def out_path(output: Path | None):
+    """`-o PATH`, or (no `-o`) the default path under ./cwa-out/ named by fingerprint."""
+    from cwa.stages import AUTO
+
+    return AUTO if output is None else output

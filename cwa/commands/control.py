@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cwa.commands import _options as O
-from cwa.commands.common import model_options, one_path, report
+from cwa.commands.common import model_options, one_path, out_path, report
 
 
 def control_cmd(
@@ -41,6 +41,6 @@ def control_cmd(
     lm = model_options(model, revision, dtype, device).load(lazy=True) if model else None
     r = control_stage(
         one_path(scores, "scores"), kind=kind, topk=topk, mode=mode, rank_by=rank_by, ref=ref,
-        draws=control_draws, seed=seed, lm=lm, output=output, force=force,
+        draws=control_draws, seed=seed, lm=lm, output=out_path(output), force=force,
     )
     report(r, verbose)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cwa.commands import _options as O
-from cwa.commands.common import data_options, model_options, report
+from cwa.commands.common import data_options, model_options, out_path, report
 
 
 def eval_cmd(
@@ -36,4 +36,4 @@ def eval_cmd(
 
     lm = model_options(model, revision, dtype, device, None, trust_remote_code, allow_pickle).load()
     d = data_options(data, eval_data, None, 32, eval_samples, seq_len, batch_size)
-    report(eval_stage(lm, d, output=output, force=force), verbose)
+    report(eval_stage(lm, d, output=out_path(output), force=force), verbose)

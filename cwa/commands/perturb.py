@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cwa.commands import _options as O
-from cwa.commands.common import data_options, model_options, read_paths, report
+from cwa.commands.common import data_options, model_options, out_path, read_paths, report
 
 
 def perturb_cmd(
@@ -56,6 +56,6 @@ def perturb_cmd(
     d = data_options(data, eval_data, None, 32, eval_samples, seq_len, batch_size)
     r = perturb_stage(
         lm, d, paths, method=perturb, scale=perturb_scale, prob=perturb_prob, bit=bit, seed=seed,
-        output=output, json_path=json_out, force=force,
+        output=out_path(output), json_path=json_out, force=force,
     )
     report(r, verbose)

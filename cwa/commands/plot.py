@@ -41,7 +41,7 @@ def plot_cmd(
     """
     from cwa.console import emit, set_verbose
     from cwa.errors import UsageError
-    from cwa.plotting import plot_artifacts
+    from cwa.plots import plot_artifacts
 
     set_verbose(verbose)
     if out_dir.exists() and not out_dir.is_dir():

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cwa.commands import _options as O
-from cwa.commands.common import model_options, one_path, report
+from cwa.commands.common import model_options, one_path, out_path, report
 
 
 def rank_cmd(
@@ -38,7 +38,7 @@ def rank_cmd(
 
     lm = model_options(model, revision, dtype, device).load(lazy=True) if model else None
     r = rank_stage(
-        one_path(scores, "scores"), topk=topk, mode=mode, rank_by=rank_by, output=output,
+        one_path(scores, "scores"), topk=topk, mode=mode, rank_by=rank_by, output=out_path(output),
         csv=csv, stats=stats, lm=lm, force=force,
     )
     report(r, verbose)

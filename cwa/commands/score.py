@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cwa.commands import _options as O
-from cwa.commands.common import data_options, model_options, report
+from cwa.commands.common import data_options, model_options, out_path, report
 
 
 def score_cmd(
@@ -25,7 +25,7 @@ def score_cmd(
     obd: Annotated[bool, typer.Option("--obd", help="Optimal Brain Damage saliency 1/2*c*w^2 (curvature metrics).")] = False,
     include: O.IncludeOpt = None,
     exclude: O.ExcludeOpt = None,
-    score_dtype: Annotated[str, typer.Option("--score-dtype", help="float32 (default), bfloat16, float16.")] = "float32",
+    score_dtype: O.ScoreDtypeOpt = "float32",
     dtype: O.DtypeOpt = "auto",
     device: O.DeviceOpt = "auto",
     device_map: O.DeviceMapOpt = None,
@@ -68,7 +68,7 @@ def score_cmd(
         d = data_options(data, None, data_seed, calib_samples, 32, seq_len, batch_size)
         r = score_stage(
             lm, d, metric=name, seed=seed, mc_samples=mc_samples, hutchinson_samples=hutchinson_samples,
-            obd=obd, include=include, exclude=exclude, score_dtype=score_dtype, output=output, force=force,
+            obd=obd, include=include, exclude=exclude, score_dtype=score_dtype, output=out_path(output), force=force,
             grad_checkpointing=grad_checkpointing, dist=dist,
         )
     if dist.is_main:  # one path on stdout, from rank 0 only

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cwa.commands import _options as O
-from cwa.commands.common import read_paths, report
+from cwa.commands.common import out_path, read_paths, report
 
 
 def stability_cmd(
@@ -57,7 +57,7 @@ def stability_cmd(
         topk=topk,
         rank_by=rank_by,
         mode=mode,
-        output=output,
+        output=out_path(output),
         json_path=json_path,
         force=force,
     )

@@ -224,11 +224,35 @@ def compute_scores(
     script) raises between batches, and inside the metrics between windows, label draws
     and Hessian-vector products.
     """
-    import torch
-
     options = options if options is not None else MetricOptions()
     options.validate()
     cls = get_metric(metric)
+    _check_request(model, params, cls, options, batch_size)
+    ids, windows = _check_windows(cls, ids, window_indices) if cls.needs_data else (None, None)
+    _check_not_offloaded(params)
+
+    scorer = cls(options)
+    checkpoint = grad_checkpointing and cls.needs_grad
+    with scoring_mode(model, params, needs_grad=cls.needs_grad), checkpointed_blocks(
+        model, checkpoint
+    ):
+        try:
+            scorer.begin(model, params)
+            if cls.needs_data:
+                _accumulate_windows(scorer, model, ids, windows, int(batch_size), progress, dist)
+            scores = scorer.finish()
+        finally:
+            scorer.close()
+    if options.obd:
+        scores = obd_saliency(scores, params)
+    ordered = {name: scores[name] for name in params if name in scores}
+    return ordered, list(scorer.notes)
+
+
+def _check_request(
+    model, params: dict, cls: type[Metric], options: MetricOptions, batch_size: int
+) -> None:
+    """The options, batch size and parameters make sense for this metric and model."""
     if options.obd and not cls.curvature:
         curvature = ", ".join(n for n in METRICS.names() if METRICS.get(n).curvature)
         raise UsageError(f"--obd needs a curvature metric ({curvature}); {cls.name!r} is not one.")
@@ -241,24 +265,30 @@ def compute_scores(
     if stray:
         raise ValueError(f"parameters not in the model: {stray[:5]}")
 
-    n_total = 0
-    if cls.needs_data:
-        if ids is None:
-            raise UsageError(f"Metric {cls.name!r} needs calibration data.")
-        ids = torch.as_tensor(ids)
-        if ids.ndim != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
-            raise UsageError(
-                f"Calibration windows must be [N, T] token ids with N >= 1 and T >= 2, "
-                f"got shape {tuple(ids.shape)}."
-            )
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise UsageError(f"Calibration windows must be integer token ids, got {ids.dtype}.")
-        ids = ids.long()
-        n_total = ids.shape[0]
-        windows = window_index_tensor(window_indices, n_total)
-        if windows.numel() != n_total:
-            raise UsageError(f"{windows.numel()} window indices for {n_total} calibration windows.")
 
+def _check_windows(cls: type[Metric], ids, window_indices: Sequence[int] | None) -> tuple:
+    """The calibration windows as `[N, T]` int64 token ids, and their global indices."""
+    import torch
+
+    if ids is None:
+        raise UsageError(f"Metric {cls.name!r} needs calibration data.")
+    ids = torch.as_tensor(ids)
+    if ids.ndim != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
+        raise UsageError(
+            f"Calibration windows must be [N, T] token ids with N >= 1 and T >= 2, "
+            f"got shape {tuple(ids.shape)}."
+        )
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise UsageError(f"Calibration windows must be integer token ids, got {ids.dtype}.")
+    ids = ids.long()
+    n_total = ids.shape[0]
+    windows = window_index_tensor(window_indices, n_total)
+    if windows.numel() != n_total:
+        raise UsageError(f"{windows.numel()} window indices for {n_total} calibration windows.")
+    return ids, windows
+
+
+def _check_not_offloaded(params: dict) -> None:
     offloaded = [n for n, p in params.items() if p.device.type == "meta"]
     if offloaded:
         raise UsageError(
@@ -268,35 +298,35 @@ def compute_scores(
             "memory and the rest on the CPU), or score fewer parameters with --include."
         )
 
-    scorer = cls(options)
-    checkpoint = grad_checkpointing and cls.needs_grad
-    with scoring_mode(model, params, needs_grad=cls.needs_grad), checkpointed_blocks(
-        model, checkpoint
-    ):
-        try:
-            scorer.begin(model, params)
-            if cls.needs_data:
-                device = input_device(model)
-                mine = (
-                    torch.arange(n_total, dtype=torch.long)
-                    if dist is None
-                    else torch.as_tensor(list(dist.shard(n_total)), dtype=torch.long)
-                )
-                done = 0
-                for start in range(0, mine.numel(), int(batch_size)):
-                    check_stop()  # SIGTERM / Ctrl-C: stop between batches (cwa.stop)
-                    pos = mine[start : start + int(batch_size)]
-                    scorer.accumulate(ids[pos].to(device), windows[pos], n_total)
-                    done += pos.numel()
-                    if progress is not None:
-                        progress(done)
-                check_stop()
-                if dist is not None:
-                    scorer.reduce(dist.all_reduce)
-            scores = scorer.finish()
-        finally:
-            scorer.close()
-    if options.obd:
-        scores = obd_saliency(scores, params)
-    ordered = {name: scores[name] for name in params if name in scores}
-    return ordered, list(scorer.notes)
+
+def _accumulate_windows(
+    scorer: Metric,
+    model,
+    ids,
+    windows,
+    batch_size: int,
+    progress: Callable[[int], object] | None,
+    dist,
+) -> None:
+    """Feed this process's windows (all of them, or its shard under `dist`) to the scorer
+    batch by batch, then sum the accumulators over the ranks."""
+    import torch
+
+    n_total = ids.shape[0]
+    device = input_device(model)
+    mine = (
+        torch.arange(n_total, dtype=torch.long)
+        if dist is None
+        else torch.as_tensor(list(dist.shard(n_total)), dtype=torch.long)
+    )
+    done = 0
+    for start in range(0, mine.numel(), batch_size):
+        check_stop()  # SIGTERM / Ctrl-C: stop between batches (cwa.stop)
+        pos = mine[start : start + batch_size]
+        scorer.accumulate(ids[pos].to(device), windows[pos], n_total)
+        done += pos.numel()
+        if progress is not None:
+            progress(done)
+    check_stop()
+    if dist is not None:
+        scorer.reduce(dist.all_reduce)

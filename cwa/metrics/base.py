@@ -29,8 +29,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from cwa.errors import UsageError
-
 if TYPE_CHECKING:
     import torch
 
@@ -51,12 +49,11 @@ class MetricOptions:
     obd: bool = False
 
     def validate(self) -> None:
-        if int(self.mc_samples) < 1:
-            raise UsageError(f"--mc-samples must be at least 1, got {self.mc_samples}.")
-        if int(self.hutchinson_samples) < 1:
-            raise UsageError(
-                f"--hutchinson-samples must be at least 1, got {self.hutchinson_samples}."
-            )
+        from cwa.checks import check_positive, check_seed
+
+        check_seed(self.seed)
+        check_positive("--mc-samples", self.mc_samples)
+        check_positive("--hutchinson-samples", self.hutchinson_samples)
 
 
 class Metric(ABC):
@@ -68,6 +65,10 @@ class Metric(ABC):
       second_order  double backward: the model must use eager attention
       signed        scores may be negative (ranked by absolute value by default)
       curvature     the score is a curvature c, so `--obd` (½·c·w²) is allowed
+      options       the `MetricOptions` fields it reads besides `seed` and `obd` (they are
+                    recorded in the artifact and its fingerprint; the seed always is)
+      stochastic    it draws random numbers from the seed (labels, probes)
+      float16_scores  its scores fit float16 (`--score-dtype float16` is allowed)
     """
 
     name: ClassVar[str] = ""
@@ -77,6 +78,9 @@ class Metric(ABC):
     second_order: ClassVar[bool] = False
     signed: ClassVar[bool] = False
     curvature: ClassVar[bool] = False
+    options: ClassVar[tuple[str, ...]] = ()
+    stochastic: ClassVar[bool] = False
+    float16_scores: ClassVar[bool] = False
 
     def __init__(self, options: MetricOptions | None = None) -> None:
         self.options = options if options is not None else MetricOptions()

@@ -20,10 +20,11 @@ depend on which labels the data happen to contain.
 Caveat: it is the Gauss-Newton / Fisher diagonal, not the exact Hessian diagonal (that has
 an extra, indefinite term; see `hutchinson_diag`); with S = 1 the estimate per weight is
 noisy (relative std about sqrt(2/N) for a roughly Gaussian ĝ), larger S averages it down.
-Labels are drawn on the CPU (`torch.multinomial` with generator
-`(seed, "label", window_index, s)`), so each window's labels never depend on the batch
-size, the device or the rank; the [T, V] probabilities are copied to the CPU once per
-window for that.
+Labels are drawn on the logits' device by inverse CDF: position t takes the first
+token whose cumulative probability (float64 cumsum of the softmax) exceeds u_t times the
+total, u_t word t of the counter-based stream `(seed, "label", window_index, s)` of
+`cwa.rng` — so each window's labels never depend on the batch size or the rank, the
+uniforms not on the device, and nothing of size [T, V] leaves the device.
 
 Cost: per window one forward and S backward passes (the S draws share the forward graph),
 i.e. N forwards and N·S backwards at batch size 1. Memory: model + one gradient set + one
@@ -42,10 +43,27 @@ from cwa.metrics.base import Metric, as_float32_cpu
 from cwa.stop import check_stop
 
 
+def sample_labels(cdf, seed: int, window_index: int, draw: int):
+    """One label per row of ``cdf`` ([T, V] cumulative probabilities, on any device):
+    the first token v with cdf[t, v] > u_t · cdf[t, -1], u_t from (seed, "label", window,
+    draw). A token of probability zero is never drawn (its cdf equals its predecessor's)."""
+    import torch
+
+    u = rng.uniform(seed, "label", window_index, draw, shape=(cdf.shape[0],), device=cdf.device,
+                    dtype=torch.float64)
+    total = cdf[:, -1:].contiguous()
+    labels = torch.searchsorted(cdf, u.unsqueeze(1).mul_(total), right=True)
+    # u·total rounds up to total at most once in 2^53: fall back to the last likely token
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(labels, last).squeeze(1)
+
+
 class HessianDiag(Metric):
     name = "hessian_diag"
     summary = "(T/(N*S)) sum_n sum_s g_hat^2 with labels sampled from the model: Gauss-Newton/Fisher diagonal"
     curvature = True
+    options = ("mc_samples",)
+    stochastic = True
 
     def accumulate(self, ids, window_indices, n_total) -> None:
         import torch
@@ -57,12 +75,11 @@ class HessianDiag(Metric):
             check_stop()  # stop between windows and between draws (one backward each)
             window = ids[n : n + 1]
             logits = logits_of(self.model, window)
-            probs = torch.softmax(logits[0, :-1].detach().float(), dim=-1).cpu()
+            cdf = torch.softmax(logits[0, :-1].detach(), dim=-1, dtype=torch.float64).cumsum_(-1)
             for s in range(draws):
                 if s:
                     check_stop()
-                gen = rng.generator(self.options.seed, "label", int(window_indices[n]), s)
-                labels = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                labels = sample_labels(cdf, self.options.seed, int(window_indices[n]), s)
                 # token_nll reads targets from positions 1..T-1 of its ids: put the draws there.
                 sampled = torch.cat([window[0, :1], labels.to(window.device)]).unsqueeze(0)
                 loss = token_nll(logits, sampled).mean()

@@ -16,10 +16,12 @@ model must use eager attention (fused kernels have no second derivative).
 
 How H z is exact for the whole loss while windows are processed in batches: H is linear in
 the windows, H = Σ_b H_b with H_b the Hessian of (Σ_{n∈b} ℓ_n)/N. Probe z_p for parameter i
-is regenerated for every batch from the CPU generator (seed, "probe", p, i) — i the
-parameter's position in the scored order, values `randint(0, 2) * 2 − 1` in float32 — so
-every batch uses the same z_p and Σ_b z_p ⊙ H_b z_p = z_p ⊙ H z_p. The result does not
-depend on the batch size and a sharded run only sums the accumulators.
+is regenerated for every batch, on the parameter's own device, from the counter-based
+stream (seed, "probe", p, i) of `cwa.rng` — i the parameter's position in the scored order,
+entry j's sign the top bit of word j, in float32 — so every batch uses the same z_p and
+Σ_b z_p ⊙ H_b z_p = z_p ⊙ H z_p. The result does not depend on the batch size, the device
+or the number of ranks (a sharded run only sums the accumulators), and no probe is drawn on
+the host or copied to the device.
 
 Cost: per batch one forward, one backward with create_graph=True and P Hessian-vector
 products (double backward through the retained graph), i.e. about 1 forward + (1 + 2P)
@@ -42,12 +44,14 @@ from cwa.metrics.base import Metric, as_float32_cpu
 from cwa.stop import check_stop
 
 
-def rademacher(seed: int, probe: int, param_index: int, shape):
-    """The probe entries for one parameter: ±1 float32 on the CPU, from (seed, probe, p, i)."""
+def rademacher(seed: int, probe: int, param_index: int, like):
+    """The probe entries for one parameter: ±1 float32 from (seed, probe, p, i), with the
+    shape and on the device of ``like`` (a tensor; a plain shape gives them on the CPU)."""
     import torch
 
-    gen = rng.generator(seed, "probe", probe, param_index)
-    return torch.randint(0, 2, tuple(shape), generator=gen, dtype=torch.float32).mul_(2).sub_(1)
+    shape, device = (like.shape, like.device) if isinstance(like, torch.Tensor) else (like, None)
+    return rng.rademacher(seed, "probe", probe, param_index, shape=shape, device=device,
+                          dtype=torch.float32)
 
 
 class HutchinsonDiag(Metric):
@@ -56,6 +60,8 @@ class HutchinsonDiag(Metric):
     second_order = True
     signed = True
     curvature = True
+    options = ("hutchinson_samples",)
+    stochastic = True
 
     def accumulate(self, ids, window_indices, n_total) -> None:
         import torch
@@ -70,10 +76,7 @@ class HutchinsonDiag(Metric):
         accs = list(self.acc.values())
         for p in range(probes):
             check_stop()  # each HVP is one uninterruptible C++ call: stop between them
-            zs = {
-                i: rademacher(self.options.seed, p, i, params[i].shape).to(params[i].device)
-                for i in live
-            }
+            zs = {i: rademacher(self.options.seed, p, i, params[i]) for i in live}
             # Per-parameter products may live on different devices (--device-map auto):
             # bring each scalar to the loss's device before summing.
             dev = objective.device

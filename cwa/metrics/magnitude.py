@@ -26,6 +26,7 @@ class Magnitude(Metric):
     summary = "|w|, no data needed"
     needs_data = False
     needs_grad = False
+    float16_scores = True
 
     def begin(self, model, params) -> None:
         self.model = model

@@ -25,7 +25,7 @@ from cwa.data import (
     prepare_data,
     tokenize_stream,
 )
-from cwa.evaluate import evaluate
+from cwa.evaluation import evaluate
 from tests.integration.reliability_util import assert_ok, invoke
 
 WORDS = "the a model weight layer token gradient loss value error score rank seed data window python is and of to in".split()

@@ -13,7 +13,14 @@ from transformers import AutoConfig, AutoTokenizer
 from cwa import artifacts as A
 from cwa.data import make_windows, prepare_data, read_documents
 from tests.integration.conftest import make_text
-from tests.integration.reliability_util import assert_clean_error, assert_ok, assert_refused, invoke, kit, tree_state
+from tests.integration.reliability_util import (
+    assert_clean_error,
+    assert_ok,
+    assert_refused,
+    invoke,
+    kit,
+    tree_state,
+)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +142,7 @@ def test_rank_reads_a_path_with_spaces(spaced, k, tmp_path):
     via_stdin, direct = tmp_path / "a.h5", tmp_path / "b.h5"
     assert_ok(invoke(["rank", "-", "--topk", "5", "-o", via_stdin], input=f"{spaced}\n"))
     assert_ok(invoke(["rank", spaced, "--topk", "5", "-o", direct]))
-    sa, sb = A.read_selection(via_stdin)[0], A.read_selection(direct)[0]
+    sa, sb = A.read_selection(via_stdin), A.read_selection(direct)
     assert sa.k == 5 and sa.n_draws == 1 and len(sa.draws[0].flat_index) == 5
     for f in ("param_index", "flat_index", "score"):
         np.testing.assert_array_equal(getattr(sa.draws[0], f), getattr(sb.draws[0], f))
@@ -144,7 +151,7 @@ def test_rank_reads_a_path_with_spaces(spaced, k, tmp_path):
 @pytest.mark.parametrize("garbage", [
     b"\xff\xfe\x00\x01garbage\x89PNG\r\n\x1a\n",  # not UTF-8
     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",  # not UTF-8 either
-    "path\x00with nul\n".encode(),  # UTF-8 but binary (NUL)
+    b"path\x00with nul\n",  # UTF-8 but binary (NUL)
 ], ids=["bytes", "png", "nul"])
 @pytest.mark.parametrize("cmd", [["info", "-"], ["rank", "-", "--topk", "5"]], ids=["info", "rank"])
 def test_binary_stdin_is_refused_without_echoing_it(k, tmp_path, garbage, cmd):

@@ -111,7 +111,7 @@ def test_different_seed_changes_only_what_it_should(chains):
     # (the reference top-K differs: its own scores differ)
     from cwa import artifacts as A
 
-    ra, rb = A.read_selection(a["random.h5"])[0], A.read_selection(s1["random.h5"])[0]
+    ra, rb = A.read_selection(a["random.h5"]), A.read_selection(s1["random.h5"])
     assert (ra.kind, ra.k, ra.mode, ra.params, len(ra.draws)) == (rb.kind, rb.k, rb.mode, rb.params, len(rb.draws))
     assert not np.array_equal(ra.draws[0].flat_index, rb.draws[0].flat_index)
     # evaluation: the same windows and the same baseline whatever the seed

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cwa.data import Windows, byte_lengths
-from cwa.evaluate import evaluate
+from cwa.evaluation import evaluate
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

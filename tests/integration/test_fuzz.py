@@ -57,11 +57,11 @@ def ref(k):
     d.mkdir(exist_ok=True)
     out = {}
     assert_ok(invoke(["rank", k.scores, *_EVERY_SCORE, "-o", d / "all.h5"]))
-    out["all"] = _entries(A.read_selection(d / "all.h5")[0])
+    out["all"] = _entries(A.read_selection(d / "all.h5"))
     assert_ok(invoke(["stability", k.scores, k.scores1, "--topk", "10", "-o", d / "st.h5"]))
     out["jaccard"] = A.read_h5(d / "st.h5").doc["jaccard"]
     assert_ok(invoke(["control", k.scores, "--ref", k.topk, "--control-draws", "2", "-o", d / "rk.h5"]))
-    out["control"] = _entries(A.read_selection(d / "rk.h5")[0])
+    out["control"] = _entries(A.read_selection(d / "rk.h5"))
     assert_ok(invoke(["perturb", k.topk, "--model", k.model, *k.data(), "--eval-samples", "2", "-o", d / "p.h5"]))
     out["perturb"] = A.read_h5(d / "p.h5").arrays["conditions/0/per_window_nll"]
     return out
@@ -143,7 +143,7 @@ def _check_scores(k, ref, f: Path, tmp: Path, what: str) -> None:
     r = invoke(["rank", f, *_EVERY_SCORE, "-o", tmp / "t.h5"])
     _clean(r, what=f"rank {what}")
     if r.exit_code == 0:
-        assert _entries(A.read_selection(tmp / "t.h5")[0]) == ref["all"], f"{what}: read differently"
+        assert _entries(A.read_selection(tmp / "t.h5")) == ref["all"], f"{what}: read differently"
     r = invoke(["stability", f, k.scores1, "--topk", "10", "-o", tmp / "s.h5"])
     _clean(r, what=f"stability {what}")
     if r.exit_code == 0:
@@ -177,7 +177,7 @@ def _check_selection(k, ref, f: Path, tmp: Path, what: str, codes=(0, 1), exact=
         r = invoke(["control", k.scores, "--ref", f, "--control-draws", "2", "-o", tmp / "c.h5"])
         _clean(r, codes, f"control {what}")
         if r.exit_code == 0 and exact:
-            assert _entries(A.read_selection(tmp / "c.h5")[0]) == ref["control"], f"{what}: read differently"
+            assert _entries(A.read_selection(tmp / "c.h5")) == ref["control"], f"{what}: read differently"
     if "perturb" in commands:
         r = invoke(["perturb", f, "--model", k.model, *k.data(), "--eval-samples", "2", "-o", tmp / "p.h5"])
         _clean(r, codes, f"perturb {what}")

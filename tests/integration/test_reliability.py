@@ -436,7 +436,7 @@ def test_weights_are_restored_before_a_failure_surfaces(k, tmp_path, monkeypatch
     log-probabilities are deleted."""
     import tempfile
 
-    from cwa import evaluate as E
+    from cwa import evaluation as E
     from cwa.stages import DataOptions, ModelOptions, perturb_stage
 
     lm = ModelOptions(str(k.model)).load()

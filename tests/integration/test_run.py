@@ -45,7 +45,7 @@ def jaccard(a, b):
 
 
 def keys(path):
-    sel, _ = A.read_selection(path)
+    sel = A.read_selection(path)
     d = sel.draws[0]
     return set(zip(d.param_index.tolist(), d.flat_index.tolist(), strict=True))
 

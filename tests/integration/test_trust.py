@@ -43,7 +43,7 @@ def test_a_single_nonzero_seed_has_its_control_comparison(k, tmp_path):
     """`cwa run --seeds 42` (the seed document's example 2): the top-K selection stores
     seed 42, so the summary compares it with the controls of seed 42."""
     out = _run(k, tmp_path / "s42", "--seeds", "42")
-    sel, _ = A.read_selection(out / "artifacts" / "topk_seed42.h5")
+    sel = A.read_selection(out / "artifacts" / "topk_seed42.h5")
     assert sel.seed == 42
     res = json.loads((out / "perturbation_results.json").read_text())
     assert res["summary"]["topk"]["seed"] == 42
@@ -73,7 +73,7 @@ def test_every_seed_of_a_multi_seed_run_has_its_controls(k, tmp_path):
 
 
 def test_the_plots_of_a_run_show_every_seed(k, tmp_path, monkeypatch):
-    import cwa.plotting as P
+    import cwa.plots as P
 
     seen: list[Path] = []
     real = P.plot_artifacts
@@ -102,9 +102,9 @@ def test_rank_records_the_scores_seed_and_caches_per_seed(k, tmp_path):
     r0 = Path(assert_ok(invoke(["rank", s0, "--topk", "5"])))
     r5 = Path(assert_ok(invoke(["rank", s5, "--topk", "5"])))
     assert r0 != r5
-    assert A.read_selection(r0)[0].seed == 0 and A.read_selection(r5)[0].seed == 5
+    assert A.read_selection(r0).seed == 0 and A.read_selection(r5).seed == 5
     c5 = Path(assert_ok(invoke(["control", s5, "--ref", r5, "--kind", "bottom_k"])))
-    assert A.read_selection(c5)[0].seed == 5
+    assert A.read_selection(c5).seed == 5
 
 
 # --------------------------------------------------------------------------- foreign artifacts
@@ -181,7 +181,7 @@ def test_plot_of_a_directory_keeps_models_apart(k, tmp_path):
     assert_ok(invoke(["rank", k.other_scores, "--topk", "10", "-o", d / "b.h5"]))
     paths = assert_ok(invoke(["plot", d, "-o", tmp_path / "plots"])).split()
     layer = sorted(Path(p).name for p in paths if p.endswith("layer_comparison.png"))
-    metrics = {A.read_selection(d / f)[0].metric for f in ("a.h5", "b.h5")}
+    metrics = {A.read_selection(d / f).metric for f in ("a.h5", "b.h5")}
     assert len(layer) == 2, layer  # one figure per model (also when the metrics differ)
     assert metrics  # grad_x_weight and magnitude
 
@@ -247,8 +247,8 @@ def test_magnitude_matched_reports_its_achieved_match(k, tmp_path):
                 "--control-draws", "2", "-o", tmp_path / "mm.h5"])
     assert r.exit_code == 0, r.stderr
     assert "warning: magnitude_matched" in r.stderr and "other |w| bins" in r.stderr
-    sel, _ = A.read_selection(tmp_path / "mm.h5")
-    ref, _ = A.read_selection(top)
+    sel = A.read_selection(tmp_path / "mm.h5")
+    ref = A.read_selection(top)
     match = sel.info["achieved_match"]
     weights = load_file(str(Path(k.model) / "model.safetensors"))
 
@@ -271,7 +271,7 @@ def test_magnitude_matched_reports_its_achieved_match(k, tmp_path):
 def test_a_result_of_an_older_evaluation_definition_is_not_a_cache_hit(k, tmp_path, monkeypatch, stage):
     """bits_per_byte changed definition (counted in context): an `eval` or `perturb`
     result cached under the old definition must be recomputed, not returned."""
-    from cwa import evaluate
+    from cwa import evaluation as evaluate
     from cwa.commands.common import data_options, model_options
     from cwa.stages import eval_stage, perturb_stage
 

@@ -14,7 +14,7 @@ import torch
 from cwa.controls import CONTROLS, make_control, sample_distinct, sample_excluding
 from cwa.errors import UsageError
 from cwa.ranking import DictScores, bottomk, topk
-from cwa.rng import generator
+from cwa.rng import stream
 
 CHI2_999 = {2: 13.816, 3: 16.266, 39: 72.055, 99: 148.23}
 
@@ -47,7 +47,7 @@ def _mag_bins(w: np.ndarray, edges: np.ndarray) -> np.ndarray:
 def test_sample_distinct_uniform_over_positions(m, k):
     counts = np.zeros(m)
     for d in range(2000 if k < m else 3):
-        s = sample_distinct(generator(11, "control", d), m, k)
+        s = sample_distinct(stream(11, "control", d), m, k)
         assert len(s) == k and len(np.unique(s)) == k and np.all(np.diff(s) > 0)
         assert s.min() >= 0 and s.max() < m
         counts[s] += 1
@@ -62,7 +62,7 @@ def test_sample_excluding_uniform_and_excludes():
     allowed = np.setdiff1d(np.arange(m), excluded)
     counts = np.zeros(m)
     for d in range(1500):
-        s = sample_excluding(generator(3, "control", d), m, k, excluded)
+        s = sample_excluding(stream(3, "control", d), m, k, excluded)
         assert len(np.unique(s)) == k and not np.isin(s, excluded).any()
         counts[s] += 1
     obs = counts[allowed]

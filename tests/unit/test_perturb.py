@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cwa.errors import UsageError
-from cwa.perturb import (
+from cwa.perturbation import (
     PERTURBATIONS,
     apply,
     paired_bootstrap_ci,
@@ -19,7 +19,7 @@ from cwa.perturb import (
     summarize,
 )
 from cwa.ranking import Draw
-from cwa.rng import generator
+from cwa.rng import uniform
 
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 N_BITS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}
@@ -96,8 +96,7 @@ def test_gauss_noise_by_hand_and_stream():
     a = apply([p], d, "gauss_noise", scale=0.3, seed=4, draw_index=2)
     assert a.scale == 0.3
     # hand computation: uniforms of (seed, noise, draw, param), pairs in flat-index order
-    g = generator(4, "noise", 2, 0)
-    u = torch.rand(6, generator=g, dtype=torch.float64).view(3, 2).numpy()
+    u = uniform(4, "noise", 2, 0, shape=(6,), dtype=torch.float64).view(3, 2).numpy()
     eps = np.sqrt(-2 * np.log1p(-u[:, 0])) * np.cos(2 * np.pi * u[:, 1])
     w = orig.double().numpy()[[5, 17, 40]]
     expect = (w + 0.3 * np.abs(w) * eps).astype(np.float32)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cwa import artifacts as A
 from cwa.errors import UsageError
-from cwa.plotting import param_group, plot_artifacts
+from cwa.plots import param_group, plot_artifacts
 from cwa.ranking import Draw, Selection
 from cwa.stages import rank_stage, stability_stage
 

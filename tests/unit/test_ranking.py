@@ -314,3 +314,121 @@ def test_stats_no_cancellation_with_a_large_offset():
     ref = x.astype(np.float64)
     assert math.isclose(stats["overall"]["mean"], ref.mean(), rel_tol=1e-12)
     assert math.isclose(stats["overall"]["std"], ref.std(), rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- threshold filter
+
+
+def _filter_tensors():
+    """Chunks of 4 after a first one that sets a threshold of |3|: chunks entirely below
+    it (skipped by one reduction), chunks whose top equals it (ties only), chunks with a
+    few entrants among ties, +-inf late, zeros throughout."""
+    return {
+        "a": torch.tensor([3.0, -3.0, 3.0, 3.0, 1.0, 0.0, -2.0, 0.5, 3.0, -3.0, 0.0, 2.0]),
+        "b": torch.tensor([0.0, 0.0, 0.0, 0.0, 4.0, 3.0, -3.0, 1.0, -3.0, 2.0, 3.0, 3.0]),
+        "c": torch.tensor([1.0, float("inf"), 3.0, 0.0, float("-inf"), 3.0, -5.0, 3.0, 0.0]),
+    }
+
+
+@pytest.mark.parametrize("rank_by", ["abs", "value"])
+@pytest.mark.parametrize("lowest", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5, 64])
+def test_threshold_filter_against_sort(rank_by, lowest, chunk):
+    tensors = _filter_tensors()
+    scores, fn = DictScores(tensors), (bottomk if lowest else topk)
+    n = sum(t.numel() for t in tensors.values())
+    for k in (1, 2, 3, 4, 6, 9, n):
+        sel = fn(scores, k, rank_by=rank_by, chunk_elems=chunk)
+        _check(sel, _ref_global(tensors, k, rank_by, lowest))
+    for k in (1, 2, 4, 7):
+        sel = fn(scores, k, mode="per_layer", rank_by=rank_by, chunk_elems=chunk)
+        _check(sel, _ref_per_layer(tensors, k, rank_by, lowest))
+
+
+def test_threshold_filter_many_chunks_of_random_ties():
+    # integer scores: every chunk after the first compaction has entries equal to the
+    # running threshold, most chunks have none above it
+    rng = np.random.default_rng(11)
+    x = rng.integers(-6, 7, size=5000).astype(np.float32)
+    x[rng.integers(0, 5000, size=3)] = 9.0  # a few late entrants
+    tensors = {"a": torch.from_numpy(x[:3000]), "b": torch.from_numpy(x[3000:])}
+    for rank_by in ("abs", "value"):
+        for lowest in (False, True):
+            fn = bottomk if lowest else topk
+            for k in (2, 3, 50, 700):
+                sel = fn(DictScores(tensors), k, rank_by=rank_by, chunk_elems=16)
+                _check(sel, _ref_global(tensors, k, rank_by, lowest))
+
+
+def test_nan_in_a_chunk_below_the_threshold_still_raises():
+    # the threshold (100) skips chunks whose largest key is below it: a NaN must not hide
+    x = torch.cat([torch.full((8,), 100.0), torch.zeros(8), torch.tensor([0.1, float("nan")])])
+    for lowest in (False, True):
+        for rank_by in ("abs", "value"):
+            with pytest.raises(CwaError, match="NaN"):
+                (bottomk if lowest else topk)(DictScores({"a": x}), 2, rank_by=rank_by, chunk_elems=4)
+
+
+# ----------------------------------------------------------------------------- arithmetic binning
+
+
+def _on_edges(x: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """x with every edge of its log histogram appended, and the float32 neighbours of each
+    edge inside the range (the edges do not move: min and max are unchanged)."""
+    from cwa.ranking import log_edges_f32
+
+    a = np.abs(x[np.isfinite(x) & (x != 0)])
+    e32 = log_edges_f32(float(a.min()), float(a.max()), n_bins).astype(np.float32)
+    near = np.concatenate([e32, np.nextafter(e32, np.float32(0)), np.nextafter(e32, np.float32(np.inf))])
+    near = near[(near >= e32[0]) & (near <= e32[-1])]
+    signs = np.where(np.arange(len(near)) % 2 == 0, 1, -1).astype(np.float32)
+    return np.concatenate([x, near * signs]).astype(np.float32), e32
+
+
+@pytest.mark.parametrize("n_bins", [1, 3, 64, 500])
+@pytest.mark.parametrize("spread", [1e-3, 1.0, 20.0])
+def test_histogram_counts_equal_np_histogram_with_entries_on_edges(n_bins, spread):
+    rng = np.random.default_rng(12)
+    base = rng.lognormal(0, spread, size=3000).astype(np.float32) * np.where(rng.random(3000) < 0.5, -1, 1)
+    x, e32 = _on_edges(base.astype(np.float32), n_bins)
+    x = np.concatenate([x, np.zeros(7, np.float32), np.float32([np.inf, -np.inf])])
+    rng.shuffle(x)
+    tensors = {"a": torch.from_numpy(x[: len(x) // 3].copy()), "b": torch.from_numpy(x[len(x) // 3 :].copy())}
+    for mode_chunk in (7, 1000, 2**24):
+        _, hist = sensitivity_stats(DictScores(tensors), n_bins=n_bins, chunk_elems=mode_chunk)
+        np.testing.assert_array_equal(hist["edges"], e32.astype(np.float64))
+        for p, t in enumerate(tensors.values()):
+            a = np.abs(t.numpy().astype(np.float64))
+            a = a[np.isfinite(a) & (a > 0)]
+            ref, _ = np.histogram(a, bins=e32.astype(np.float64))  # last bin closed, as ours
+            np.testing.assert_array_equal(hist["counts"][p], ref)
+        assert hist["zeros"].sum() == 7 and hist["nonfinite"].sum() == 2
+
+
+def test_log_binner_is_bucketize_and_takes_the_arithmetic_path():
+    from cwa.ranking import _LogBinner, bin_abs
+
+    rng = np.random.default_rng(13)
+    for lo, hi, n_bins in ((1e-30, 1e30, 64), (0.5, 7.0, 64), (1e-8, 3.0, 1000), (1.0, 1.001, 8)):
+        a = np.exp(rng.uniform(np.log(lo), np.log(hi), 20000)).astype(np.float32)
+        a[:2] = [lo, hi]
+        x, e32 = _on_edges(a, n_bins)
+        x = np.concatenate([np.abs(x), np.zeros(5, np.float32)])
+        binner = _LogBinner(e32.astype(np.float64))
+        assert not binner.exact  # these ranges are binned by arithmetic
+        got = binner.counts(torch.from_numpy(x.copy()))
+        ref = np.bincount(bin_abs(torch.from_numpy(x), torch.from_numpy(e32)).numpy(), minlength=n_bins + 2)
+        np.testing.assert_array_equal(got, ref)
+        # and the fix-up mattered: the entries on edges are where bare arithmetic errs
+        assert binner.delta > 0
+
+
+def test_log_binner_narrow_range_falls_back_to_bucketize():
+    from cwa.ranking import _LogBinner, bin_abs, log_edges_f32
+
+    x = (1.0 + np.arange(50, dtype=np.float32) * np.float32(2**-23)).astype(np.float32)
+    e = log_edges_f32(float(x.min()), float(x.max()), 64)
+    binner = _LogBinner(e)
+    assert binner.exact
+    ref = np.bincount(bin_abs(torch.from_numpy(x), torch.from_numpy(e.astype(np.float32))).numpy(), minlength=66)
+    np.testing.assert_array_equal(binner.counts(torch.from_numpy(x.copy())), ref)

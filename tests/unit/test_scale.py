@@ -174,7 +174,7 @@ def test_a_billion_scores_rank_exactly_within_1_2_gb(tmp_path):
     r = bench.run_rss([sys.executable, "-m", "cwa", "rank", str(path), "--topk", "1000", "-o", str(out)], env)
     assert r["rc"] == 0, r["stderr"]
     assert r["max_rss_bytes"] <= 1.2e9
-    sel, _ = A.read_selection(out)
+    sel = A.read_selection(out)
     pi, fi, sc = bench.expected_topk(truth, 1000)
     d = sel.draws[0]
     assert np.array_equal(d.param_index, pi) and np.array_equal(d.flat_index, fi)

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from cwa import artifacts as A
-from cwa import stability as S
+from cwa import stability_analysis as S
 from cwa.errors import ArtifactError, UsageError
 from cwa.ranking import Draw, Selection
 from cwa.stages import stability_stage

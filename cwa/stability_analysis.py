@@ -87,6 +87,7 @@ class StabilityInput:
     scores: Any = None  # cwa.artifacts.ScoresFile
     selection: Any = None  # cwa.ranking.Selection
     label: Any = None
+    on_disk: bool = True  # False: an object in memory (`path` is then only a label)
 
 
 @dataclass
@@ -115,50 +116,50 @@ class Plan:
 # --------------------------------------------------------------------------- inputs
 
 
-def load_inputs(paths: list[Path]) -> list[StabilityInput]:
-    """Open every input (scores or selections, not mixed) and check they share a model."""
-    paths = [Path(p) for p in paths]
-    if len(paths) < 2:
+def load_inputs(items: list[Any]) -> list[StabilityInput]:
+    """Open every input (scores or selections, objects or files, not mixed) and check
+    they share a model. An object in memory is labelled `input<i>` where a file would be
+    labelled by its name."""
+    if len(items) < 2:
         raise UsageError(
             "stability needs at least two seeds or metrics: pass two or more scores "
             "(or selection) artifacts"
         )
-    out: list[StabilityInput] = []
-    for p in paths:
-        schema = A.artifact_schema(p)
+    return _check_inputs([_input(x, i) for i, x in enumerate(items)])
+
+
+def _input(x: Any, i: int) -> StabilityInput:
+    from cwa.ranking import Selection
+
+    if isinstance(x, A.Scores | Selection):
+        on_disk = x.path is not None
+        path = Path(x.path) if on_disk else Path(f"input{i}")
+    else:
+        on_disk, path = True, Path(x)
+        schema = A.artifact_schema(path)
         if schema == A.SCORES_SCHEMA:
-            sc = A.open_scores(p)
-            out.append(
-                StabilityInput(
-                    path=p,
-                    kind="scores",
-                    metric=sc.metric,
-                    seed=_int_or_none(sc.meta.get("cwa.seed")),
-                    fingerprint=sc.fingerprint,
-                    model_fingerprint=sc.model_fingerprint,
-                    scores=sc,
-                )
-            )
+            x = A.open_scores(path)
         elif schema == A.SELECTION_SCHEMA:
-            sel, art = A.read_selection(p)
-            prov = A.provenance(art)
-            seed = _int_or_none(prov.get("scores_seed"))
-            out.append(
-                StabilityInput(
-                    path=p,
-                    kind="selection",
-                    metric=sel.metric or str(prov.get("metric") or ""),
-                    seed=sel.seed if seed is None else seed,
-                    fingerprint=art.fingerprint,
-                    model_fingerprint=str(prov.get("model_fingerprint") or ""),
-                    selection=sel,
-                )
-            )
+            x = A.read_selection(path)
         else:
             raise UsageError(
-                f"{p}: is a {schema} artifact; cwa stability compares scores (full analysis) "
+                f"{path}: is a {schema} artifact; cwa stability compares scores (full analysis) "
                 "or selections (overlap only)"
             )
+    if isinstance(x, A.Scores):
+        return StabilityInput(path=path, kind="scores", metric=x.metric, seed=_int_or_none(x.meta.get("cwa.seed")),
+                              fingerprint=x.fingerprint, model_fingerprint=x.model_fingerprint, scores=x,
+                              on_disk=on_disk)
+    prov = x.provenance
+    seed = _int_or_none(prov.get("scores_seed"))
+    return StabilityInput(path=path, kind="selection", metric=x.metric or str(prov.get("metric") or ""),
+                          seed=x.seed if seed is None else seed, fingerprint=x.fingerprint,
+                          model_fingerprint=str(prov.get("model_fingerprint") or ""), selection=x,
+                          on_disk=on_disk)
+
+
+def _check_inputs(out: list[StabilityInput]) -> list[StabilityInput]:
+    """One kind of input, one model."""
     kinds = {i.kind for i in out}
     if len(kinds) > 1:
         raise UsageError(
@@ -201,7 +202,7 @@ def make_labels(inputs: list[StabilityInput]) -> tuple[str, list[Any]]:
 
 
 def plan(
-    paths: list[Path],
+    paths: list[Any],
     *,
     topk: int | None,
     mode: str | None = None,
@@ -262,21 +263,21 @@ def _check_distinct(inputs: list[StabilityInput]) -> None:
 
 
 def _check_k(k: int) -> int:
-    if int(k) <= 0:
-        raise UsageError(f"--topk {k}: K must be a positive integer")
-    return int(k)
+    from cwa.checks import check_topk
+
+    return check_topk(k)
 
 
 def _check_mode(mode: str) -> str:
-    from cwa.registry import check_choice
+    from cwa.checks import check_mode
 
-    return check_choice("--mode", mode, ("global", "per_layer"))
+    return check_mode(mode)
 
 
 def _check_rank_by(rank_by: str | None) -> str:
-    from cwa.registry import check_choice
+    from cwa.checks import check_rank_by
 
-    return check_choice("--rank-by", rank_by or "abs", ("abs", "value"))
+    return check_rank_by(rank_by)
 
 
 # --------------------------------------------------------------------------- math
@@ -388,85 +389,21 @@ class StabilityResult:
 
 def analyze(p: Plan) -> StabilityResult:
     """Run the comparison described in the module docstring."""
-    from cwa.ranking import topk as rank_topk
-
-    inputs = p.inputs
-    # one index over every parameter name met, in order of first appearance
-    pindex: dict[str, int] = {}
-    for inp in inputs:
-        names = inp.scores.names if inp.scores is not None else inp.selection.params
-        for n in names:
-            pindex.setdefault(n, len(pindex))
+    pindex, common, notes = _param_index(p)
     all_params = list(pindex)
-    scored = [
-        set(inp.scores.names if inp.scores is not None else inp.selection.params) for inp in inputs
-    ]
-    common = [n for n in all_params if all(n in s for s in scored)]
-    notes = list(p.notes)
-    if len(common) < len(all_params):
-        notes.append(
-            f"{len(all_params) - len(common)} tensor(s) are scored by only some inputs; "
-            "their top-K entries count in the Jaccard sets"
-        )
-
-    draws = []  # (codes in rank order, param_index global) per input, at K or K_max
-    sizes: list[int] | None = None
-    grid: list[int] | None = None
-    n_population: int | None = None
     if p.input_kind == "scores":
-        for n in common:
-            shapes = {tuple(inp.scores.shape(n)) for inp in inputs}
-            if len(shapes) > 1:
-                raise ArtifactError(
-                    f"tensor {n!r} has different shapes in the inputs: {sorted(shapes)}"
-                )
-        sizes = [_numel(inputs[0].scores.shape(n)) for n in common]
-        n_population = int(sum(sizes))
-        pops = [sum(_numel(inp.scores.shape(n)) for n in inp.scores.names) for inp in inputs]
-        if p.mode == "global":
-            if p.k > min(pops):
-                raise UsageError(
-                    f"--topk {p.k}: larger than the scored population ({min(pops)} entries)"
-                )
-            n_max = min(pops)
-        else:
-            n_max = max(
-                max(_numel(inp.scores.shape(n)) for n in inp.scores.names) for inp in inputs
-            )
-        grid = k_grid(p.k, max(min(n_max, JVK_MAX), min(p.k, n_max)))
-        k_max = max(grid)
-        for inp in inputs:
-            sel = rank_topk(inp.scores, k_max, mode=p.mode, rank_by=p.rank_by, seed=inp.seed or 0)
-            draws.append(_codes(sel.params, sel.draws[0], pindex))
+        pop = _population_from_scores(p, common, pindex)
+        sets_k = _sets_at(pop.draws, p.k, p.mode)
     else:
-        for inp in inputs:
-            draws.append(_codes(inp.selection.params, inp.selection.draws[0], pindex))
-        pops = [inp.selection.info.get("n_population") for inp in inputs]
-        if all(isinstance(x, int) for x in pops):
-            n_population = int(min(pops))
-
-    def at(kk: int) -> list[np.ndarray]:
-        out = []
-        for codes, pidx in draws:
-            out.append(np.sort(codes[_prefix(pidx, kk, p.mode)]))
-        return out
-
-    sets_k = at(p.k) if p.input_kind == "scores" else [np.sort(c) for c, _ in draws]
+        pop = _population_from_selections(p.inputs, pindex)
+        sets_k = [np.sort(c) for c, _ in pop.draws]
     jac = jaccard_matrix(sets_k)
-    mean_j = off_diagonal_mean(jac)
-
-    if p.mode == "global":
-        rj = random_jaccard(p.k, n_population) if n_population else math.nan
-    else:
-        rj = random_jaccard_per_layer(p.k, sizes) if sizes is not None else math.nan
-        if sizes is None:
-            notes.append("random_jaccard needs the tensor sizes in per_layer mode: pass scores")
-
+    rj = _random_baseline(p, pop, notes)
     doc: dict[str, Any] = {
         "k": p.k,
         "labels": list(p.labels),
         "jaccard": jac.tolist(),
-        "mean_jaccard": mean_j,
+        "mean_jaccard": off_diagonal_mean(jac),
         "random_jaccard": None if math.isnan(rj) else rj,
         "spearman": None,
         "jaccard_vs_k": None,
@@ -476,27 +413,9 @@ def analyze(p: Plan) -> StabilityResult:
         "labels": np.array([str(x) for x in p.labels], dtype=object),
         "jaccard": jac,
     }
-
     if p.input_kind == "scores":
-        rho, n_pair = _spearman_matrix(p, sets_k, pindex, all_params)
-        doc["spearman"] = rho.tolist()
-        doc["mean_spearman"] = off_diagonal_mean(rho)
-        doc["random_spearman"] = RANDOM_SPEARMAN
-        doc["spearman_n"] = n_pair.tolist()
-        arrays["spearman"] = rho
-        arrays["spearman_n"] = n_pair
-        mats = np.stack([jaccard_matrix(at(kk)) for kk in grid])
-        means = [off_diagonal_mean(mt) for mt in mats]
-        doc["jaccard_vs_k"] = {str(kk): v for kk, v in zip(grid, means, strict=True)}
-        if p.mode == "global":
-            rand = [random_jaccard(kk, n_population) for kk in grid]
-        else:
-            rand = [random_jaccard_per_layer(kk, sizes) for kk in grid]
-        doc["random_jaccard_vs_k"] = {str(kk): v for kk, v in zip(grid, rand, strict=True)}
-        arrays["jaccard_vs_k/k"] = np.asarray(grid, dtype=np.int64)
-        arrays["jaccard_vs_k/mean"] = np.asarray(means)
-        arrays["jaccard_vs_k/random"] = np.asarray(rand)
-        arrays["jaccard_vs_k/matrices"] = mats
+        _add_spearman(p, sets_k, pindex, all_params, doc, arrays)
+        _add_jaccard_vs_k(p, pop, doc, arrays)
     else:
         doc["mean_spearman"] = None
         doc["random_spearman"] = None
@@ -505,47 +424,174 @@ def analyze(p: Plan) -> StabilityResult:
     doc["per_tensor_overlap"] = per_tensor
     arrays["per_tensor/params"] = np.array(all_params, dtype=object)
     arrays["per_tensor/counts"] = counts
-
-    metrics = sorted({i.metric for i in inputs})
-    doc.update(
-        {
-            "kind": p.kind,
-            "input": p.input_kind,
-            "metric": metrics[0] if len(metrics) == 1 else None,
-            "metrics": [i.metric for i in inputs],
-            "seeds": [i.seed for i in inputs],
-            "mode": p.mode,
-            "rank_by": p.rank_by,
-            "n_population": n_population,
-            "model_fingerprint": p.model_fingerprint or None,
-            "inputs": [
-                {
-                    "path": str(i.path),
-                    "label": i.label,
-                    "metric": i.metric,
-                    "seed": i.seed,
-                    "fingerprint": i.fingerprint,
-                }
-                for i in inputs
-            ],
-            "definitions": {
-                "jaccard": "|A∩B|/|A∪B| of the top-K sets, keys (parameter, flat index)",
-                "random_jaccard": "K/(2n−K): expected intersection over expected union of two "
-                "independent uniform K-subsets of the n scored entries (per-tensor sum in "
-                "per_layer mode)",
-                "spearman": "rank correlation of the ranking keys over the union of the pair's "
-                "top-K sets, average ranks for ties; independent rankings give about -0.75 "
-                "(random_spearman), identical ones +1",
-                "jaccard_vs_k": "mean off-diagonal Jaccard of the top-K' sets, K' on a log grid "
-                "K/10..10K clipped to the population",
-                "per_tensor_overlap": "counts per label; count_overlap = mean pairwise "
-                "min/max of the counts; jaccard = mean pairwise Jaccard inside the tensor; "
-                "shared = entries in every top-K",
-            },
-            "notes": notes,
-        }
-    )
+    doc.update(_describe(p, pop.n_population, notes))
     return StabilityResult(doc=doc, arrays=arrays)
+
+
+@dataclass
+class _Population:
+    """Each input's top entries and what the random baselines need to know of them."""
+
+    draws: list[tuple[np.ndarray, np.ndarray]]  # (codes in rank order, param index) per input
+    sizes: list[int] | None = None  # entries of each tensor every input scored
+    grid: list[int] | None = None  # the K grid of jaccard_vs_k
+    n_population: int | None = None
+
+
+def _names(inp: StabilityInput) -> list[str]:
+    return inp.scores.names if inp.scores is not None else inp.selection.params
+
+
+def _param_index(p: Plan) -> tuple[dict[str, int], list[str], list[str]]:
+    """One index over every parameter name met, in order of first appearance; the names
+    every input scored; the notes so far (a tensor scored by only some inputs)."""
+    pindex: dict[str, int] = {}
+    for inp in p.inputs:
+        for n in _names(inp):
+            pindex.setdefault(n, len(pindex))
+    scored = [set(_names(inp)) for inp in p.inputs]
+    common = [n for n in pindex if all(n in s for s in scored)]
+    notes = list(p.notes)
+    if len(common) < len(pindex):
+        notes.append(
+            f"{len(pindex) - len(common)} tensor(s) are scored by only some inputs; "
+            "their top-K entries count in the Jaccard sets"
+        )
+    return pindex, common, notes
+
+
+def _population_from_scores(p: Plan, common: list[str], pindex: dict[str, int]) -> _Population:
+    """Rank every scores input once, at the largest K of the grid (shapes checked)."""
+    from cwa.ranking import topk as rank_topk
+
+    inputs = p.inputs
+    for n in common:
+        shapes = {tuple(inp.scores.shape(n)) for inp in inputs}
+        if len(shapes) > 1:
+            raise ArtifactError(
+                f"tensor {n!r} has different shapes in the inputs: {sorted(shapes)}"
+            )
+    sizes = [_numel(inputs[0].scores.shape(n)) for n in common]
+    pops = [sum(_numel(inp.scores.shape(n)) for n in inp.scores.names) for inp in inputs]
+    if p.mode == "global":
+        if p.k > min(pops):
+            raise UsageError(
+                f"--topk {p.k}: larger than the scored population ({min(pops)} entries)"
+            )
+        n_max = min(pops)
+    else:
+        n_max = max(
+            max(_numel(inp.scores.shape(n)) for n in inp.scores.names) for inp in inputs
+        )
+    grid = k_grid(p.k, max(min(n_max, JVK_MAX), min(p.k, n_max)))
+    k_max = max(grid)
+    draws = []
+    for inp in inputs:
+        sel = rank_topk(inp.scores, k_max, mode=p.mode, rank_by=p.rank_by, seed=inp.seed or 0)
+        draws.append(_codes(sel.params, sel.draws[0], pindex))
+    return _Population(draws=draws, sizes=sizes, grid=grid, n_population=int(sum(sizes)))
+
+
+def _population_from_selections(
+    inputs: list[StabilityInput], pindex: dict[str, int]
+) -> _Population:
+    """The selections' own draws; the population size when every selection records it."""
+    draws = [_codes(inp.selection.params, inp.selection.draws[0], pindex) for inp in inputs]
+    pops = [inp.selection.info.get("n_population") for inp in inputs]
+    n_population = int(min(pops)) if all(isinstance(x, int) for x in pops) else None
+    return _Population(draws=draws, n_population=n_population)
+
+
+def _sets_at(draws: list[tuple[np.ndarray, np.ndarray]], kk: int, mode: str) -> list[np.ndarray]:
+    """Each input's top-`kk` set (sorted key codes), cut from its ranked draw."""
+    return [np.sort(codes[_prefix(pidx, kk, mode)]) for codes, pidx in draws]
+
+
+def _random_baseline(p: Plan, pop: _Population, notes: list[str]) -> float:
+    """random_jaccard at K (NaN when the population is unknown)."""
+    if p.mode == "global":
+        return random_jaccard(p.k, pop.n_population) if pop.n_population else math.nan
+    if pop.sizes is None:
+        notes.append("random_jaccard needs the tensor sizes in per_layer mode: pass scores")
+        return math.nan
+    return random_jaccard_per_layer(p.k, pop.sizes)
+
+
+def _add_spearman(
+    p: Plan,
+    sets_k: list[np.ndarray],
+    pindex: dict[str, int],
+    all_params: list[str],
+    doc: dict[str, Any],
+    arrays: dict[str, Any],
+) -> None:
+    rho, n_pair = _spearman_matrix(p, sets_k, pindex, all_params)
+    doc["spearman"] = rho.tolist()
+    doc["mean_spearman"] = off_diagonal_mean(rho)
+    doc["random_spearman"] = RANDOM_SPEARMAN
+    doc["spearman_n"] = n_pair.tolist()
+    arrays["spearman"] = rho
+    arrays["spearman_n"] = n_pair
+
+
+def _add_jaccard_vs_k(
+    p: Plan, pop: _Population, doc: dict[str, Any], arrays: dict[str, Any]
+) -> None:
+    grid = pop.grid
+    mats = np.stack([jaccard_matrix(_sets_at(pop.draws, kk, p.mode)) for kk in grid])
+    means = [off_diagonal_mean(mt) for mt in mats]
+    doc["jaccard_vs_k"] = {str(kk): v for kk, v in zip(grid, means, strict=True)}
+    if p.mode == "global":
+        rand = [random_jaccard(kk, pop.n_population) for kk in grid]
+    else:
+        rand = [random_jaccard_per_layer(kk, pop.sizes) for kk in grid]
+    doc["random_jaccard_vs_k"] = {str(kk): v for kk, v in zip(grid, rand, strict=True)}
+    arrays["jaccard_vs_k/k"] = np.asarray(grid, dtype=np.int64)
+    arrays["jaccard_vs_k/mean"] = np.asarray(means)
+    arrays["jaccard_vs_k/random"] = np.asarray(rand)
+    arrays["jaccard_vs_k/matrices"] = mats
+
+
+def _describe(p: Plan, n_population: int | None, notes: list[str]) -> dict[str, Any]:
+    """The result's provenance: inputs, options, definitions and notes."""
+    inputs = p.inputs
+    metrics = sorted({i.metric for i in inputs})
+    return {
+        "kind": p.kind,
+        "input": p.input_kind,
+        "metric": metrics[0] if len(metrics) == 1 else None,
+        "metrics": [i.metric for i in inputs],
+        "seeds": [i.seed for i in inputs],
+        "mode": p.mode,
+        "rank_by": p.rank_by,
+        "n_population": n_population,
+        "model_fingerprint": p.model_fingerprint or None,
+        "inputs": [
+            {
+                "path": str(i.path),
+                "label": i.label,
+                "metric": i.metric,
+                "seed": i.seed,
+                "fingerprint": i.fingerprint,
+            }
+            for i in inputs
+        ],
+        "definitions": {
+            "jaccard": "|A∩B|/|A∪B| of the top-K sets, keys (parameter, flat index)",
+            "random_jaccard": "K/(2n−K): expected intersection over expected union of two "
+            "independent uniform K-subsets of the n scored entries (per-tensor sum in "
+            "per_layer mode)",
+            "spearman": "rank correlation of the ranking keys over the union of the pair's "
+            "top-K sets, average ranks for ties; independent rankings give about -0.75 "
+            "(random_spearman), identical ones +1",
+            "jaccard_vs_k": "mean off-diagonal Jaccard of the top-K' sets, K' on a log grid "
+            "K/10..10K clipped to the population",
+            "per_tensor_overlap": "counts per label; count_overlap = mean pairwise "
+            "min/max of the counts; jaccard = mean pairwise Jaccard inside the tensor; "
+            "shared = entries in every top-K",
+        },
+        "notes": notes,
+    }
 
 
 def _numel(shape) -> int:

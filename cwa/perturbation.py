@@ -25,9 +25,9 @@ float16, 6 in bfloat16), ``random`` (uniform over the dtype's bits, per weight) 
 integer index, 0 = least significant. The flipped bit of each entry is recorded, -1 when
 the Bernoulli(prob) draw left it alone.
 
-Randomness: for each parameter index p holding selected entries, a stream
-``rng.generator(seed, "noise", draw_index, p)`` yields float64 uniforms u_0, u_1, ... (exact
-multiples of 2^-53). The selected entries of p, sorted by flat index, take the pairs
+Randomness: for each parameter index p holding selected entries, the counter-based stream
+(seed, "noise", draw_index, p) of ``cwa.rng`` yields float64 uniforms u_0, u_1, ... (exact
+multiples of 2^-53, u_i from word i alone, bit-identical on every device). The selected entries of p, sorted by flat index, take the pairs
 (u_2j, u_2j+1) in that order: gauss_noise uses ε_j = sqrt(-2 ln(1 − u_2j))·cos(2π u_2j+1)
 (Box–Muller), bit_flip flips when u_2j < prob and, for ``random``, picks bit
 floor(u_2j+1 · n_bits) (exactly uniform, n_bits being a power of two). So ε_j depends only
@@ -79,7 +79,12 @@ class Perturbation:
     name: str
     fn: object
     default_scale: float | None  # None: the method takes no scale
-    needs_random: bool
+    uses: tuple[str, ...] = ()  # the options that change its result: scale, prob, bit, seed
+    summary: str = ""
+
+    @property
+    def needs_random(self) -> bool:
+        return "seed" in self.uses
 
 
 def _zero(old, scale, prob, bit, u):
@@ -137,12 +142,14 @@ def _bit_flip(old, scale, prob, bit, u):
 
 
 PERTURBATIONS: Registry[Perturbation] = Registry("perturbation")
-PERTURBATIONS.add("zero", Perturbation("zero", _zero, None, False))
-PERTURBATIONS.add("sign_flip", Perturbation("sign_flip", _sign_flip, 1.0, False))
+PERTURBATIONS.add("zero", Perturbation("zero", _zero, None, (), "w -> 0"))
+PERTURBATIONS.add("sign_flip", Perturbation("sign_flip", _sign_flip, 1.0, ("scale",), "w -> -s*w"))
 PERTURBATIONS.add(
-    "gauss_noise", Perturbation("gauss_noise", _gauss_noise, 0.1, True), aliases=("noise",)
+    "gauss_noise", Perturbation("gauss_noise", _gauss_noise, 0.1, ("scale", "seed"), "w -> w + s*|w|*eps"),
+    aliases=("noise",),
 )
-PERTURBATIONS.add("bit_flip", Perturbation("bit_flip", _bit_flip, None, True))
+PERTURBATIONS.add("bit_flip", Perturbation("bit_flip", _bit_flip, None, ("prob", "bit", "seed"),
+                                           "flip one IEEE bit with probability p"))
 
 
 def default_scale(method: str) -> float | None:
@@ -190,8 +197,9 @@ def _flat(param: torch.Tensor) -> torch.Tensor:
 
 
 def _uniforms(seed: int, draw_index: int, p: int, n: int) -> torch.Tensor:
-    g = rng.generator(seed, "noise", draw_index, p)
-    return torch.rand(2 * n, generator=g, dtype=torch.float64).view(n, 2)
+    """The pairs (u_2j, u_2j+1) of the first n selected entries of parameter p (float64,
+    on the CPU, where the K entries' arithmetic runs)."""
+    return rng.uniform(seed, "noise", draw_index, p, shape=(n, 2), dtype=torch.float64)
 
 
 def apply(
@@ -211,46 +219,11 @@ def apply(
     unchanged. Returns the record needed by ``restore``.
     """
     pert = PERTURBATIONS.get(method)
-    if pert.default_scale is None:
-        scale = None
-    else:
-        scale = pert.default_scale if scale is None else float(scale)
-        if not math.isfinite(scale) or scale < 0:
-            raise UsageError(f"--perturb-scale must be a finite number >= 0, got {scale}.")
-    prob = float(prob)
-    if not 0.0 <= prob <= 1.0:
-        raise UsageError(f"--perturb-prob must be in [0, 1], got {prob}.")
-
-    pi = np.asarray(draw.param_index, dtype=np.int64)
-    fi = np.asarray(draw.flat_index, dtype=np.int64)
-    # By parameter, then flat index. The sort is the largest cost of apply for big K, and a
-    # draw is applied once per condition, so it is kept on the draw.
-    order = draw.__dict__.get("_cwa_sort_order")
-    if order is None or len(order) != len(pi):
-        dp, df = np.diff(pi), np.diff(fi)
-        if bool(np.all((dp > 0) | ((dp == 0) & (df >= 0)))):
-            order = np.arange(len(pi))  # random controls are stored sorted already
-        else:
-            order = np.lexsort((fi, pi))
-        draw.__dict__["_cwa_sort_order"] = order
-    pi_s, fi_s = pi[order], fi[order]
-    bounds = np.flatnonzero(np.diff(pi_s)) + 1
-    groups = np.split(np.arange(len(pi_s)), bounds) if len(pi_s) else []
-
-    plan = []
-    for grp in groups:
-        p = int(pi_s[grp[0]])
-        if not 0 <= p < len(params):
-            raise UsageError(f"selection refers to parameter {p}, but {len(params)} were given")
-        flat = _flat(params[p])
-        f = fi_s[grp]
-        if f[0] < 0 or f[-1] >= flat.numel():
-            raise UsageError(f"selection index out of range for parameter {p}")
-        if len(f) > 1 and bool((np.diff(f) == 0).any()):
-            raise UsageError(f"selection lists an entry of parameter {p} twice")
-        if pert.name == "bit_flip":
-            resolve_bit(bit, flat.dtype)
-        plan.append((p, flat, f, grp))
+    scale, prob = _check_scale_prob(pert, scale, prob)
+    order = _sort_order(draw)
+    pi_s = np.asarray(draw.param_index, dtype=np.int64)[order]
+    fi_s = np.asarray(draw.flat_index, dtype=np.int64)[order]
+    plan = _plan_groups(params, pert, bit, pi_s, fi_s)
 
     saved = []
     bits_sorted = np.full(len(pi_s), -1, dtype=np.int64) if pert.name == "bit_flip" else None
@@ -258,26 +231,11 @@ def apply(
     sq = 0.0
     with torch.no_grad():
         for p, flat, f, grp in plan:
-            idx = torch.from_numpy(f).to(flat.device)
-            old = flat[idx].clone()
-            saved.append((p, idx, old))
-            # the arithmetic runs on the CPU copy of the K entries: float64 everywhere, the
-            # CPU random streams, and no dependence on the device
-            old_c = old.cpu()
             u = _uniforms(seed, draw_index, p, len(f)) if pert.needs_random else None
-            new, bits = pert.fn(old_c, scale, prob, bit, u)
-            new = new.to(flat.dtype)
-            flat.index_put_((idx,), new.to(flat.device))
-            int_dtype = _BIT_LAYOUT.get(flat.dtype, (None,))[0]
-            if int_dtype is not None:
-                changed = old_c.view(int_dtype) != new.view(int_dtype)
-            else:
-                changed = old_c != new
-            n_changed += int(changed.sum())
-            # unchanged bits count 0 even for a NaN; a changed non-finite entry gives inf/nan
-            d = new.to(torch.float64) - old_c.to(torch.float64)
-            d = torch.where(changed, d, torch.zeros_like(d))
-            sq += float((d * d).sum())
+            idx, old, changed, d2, bits = _perturb_group(pert, flat, f, scale, prob, bit, u)
+            saved.append((p, idx, old))
+            n_changed += changed
+            sq += d2
             if bits_sorted is not None:
                 bits_sorted[grp] = bits.numpy()
     bits_out = None
@@ -296,6 +254,88 @@ def apply(
         bits=bits_out,
         saved=saved,
     )
+
+
+def _check_scale_prob(
+    pert: Perturbation, scale: float | None, prob: float
+) -> tuple[float | None, float]:
+    """The scale (the method's default when None; None for a method without one) and the
+    probability, checked."""
+    if pert.default_scale is None:
+        scale = None
+    else:
+        scale = pert.default_scale if scale is None else float(scale)
+        if not math.isfinite(scale) or scale < 0:
+            raise UsageError(f"--perturb-scale must be a finite number >= 0, got {scale}.")
+    prob = float(prob)
+    if not 0.0 <= prob <= 1.0:
+        raise UsageError(f"--perturb-prob must be in [0, 1], got {prob}.")
+    return scale, prob
+
+
+def _sort_order(draw: Draw) -> np.ndarray:
+    """The draw's entries by parameter, then flat index. The sort is the largest cost of
+    apply for big K, and a draw is applied once per condition, so it is kept on the draw."""
+    pi = np.asarray(draw.param_index, dtype=np.int64)
+    fi = np.asarray(draw.flat_index, dtype=np.int64)
+    order = draw.__dict__.get("_cwa_sort_order")
+    if order is None or len(order) != len(pi):
+        dp, df = np.diff(pi), np.diff(fi)
+        if bool(np.all((dp > 0) | ((dp == 0) & (df >= 0)))):
+            order = np.arange(len(pi))  # random controls are stored sorted already
+        else:
+            order = np.lexsort((fi, pi))
+        draw.__dict__["_cwa_sort_order"] = order
+    return order
+
+
+def _plan_groups(
+    params: list, pert: Perturbation, bit, pi_s: np.ndarray, fi_s: np.ndarray
+) -> list[tuple[int, torch.Tensor, np.ndarray, np.ndarray]]:
+    """(param, its flat view, sorted flat indices, positions in the sorted draw) per
+    parameter, every index and the bit checked before any weight is touched."""
+    bounds = np.flatnonzero(np.diff(pi_s)) + 1
+    groups = np.split(np.arange(len(pi_s)), bounds) if len(pi_s) else []
+    plan = []
+    for grp in groups:
+        p = int(pi_s[grp[0]])
+        if not 0 <= p < len(params):
+            raise UsageError(f"selection refers to parameter {p}, but {len(params)} were given")
+        flat = _flat(params[p])
+        f = fi_s[grp]
+        if f[0] < 0 or f[-1] >= flat.numel():
+            raise UsageError(f"selection index out of range for parameter {p}")
+        if len(f) > 1 and bool((np.diff(f) == 0).any()):
+            raise UsageError(f"selection lists an entry of parameter {p} twice")
+        if pert.name == "bit_flip":
+            resolve_bit(bit, flat.dtype)
+        plan.append((p, flat, f, grp))
+    return plan
+
+
+def _perturb_group(
+    pert: Perturbation, flat: torch.Tensor, f: np.ndarray, scale: float | None, prob: float, bit,
+    u: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, int, float, torch.Tensor | None]:
+    """Perturb entries `f` of one parameter in place: (their index on its device, the old
+    values, how many changed, the squared size of the change, the bits flipped)."""
+    idx = torch.from_numpy(f).to(flat.device)
+    old = flat[idx].clone()
+    # the arithmetic runs on the CPU copy of the K entries: float64 everywhere, the CPU
+    # random streams, and no dependence on the device
+    old_c = old.cpu()
+    new, bits = pert.fn(old_c, scale, prob, bit, u)
+    new = new.to(flat.dtype)
+    flat.index_put_((idx,), new.to(flat.device))
+    int_dtype = _BIT_LAYOUT.get(flat.dtype, (None,))[0]
+    if int_dtype is not None:
+        changed = old_c.view(int_dtype) != new.view(int_dtype)
+    else:
+        changed = old_c != new
+    # unchanged bits count 0 even for a NaN; a changed non-finite entry gives inf/nan
+    d = new.to(torch.float64) - old_c.to(torch.float64)
+    d = torch.where(changed, d, torch.zeros_like(d))
+    return idx, old, int(changed.sum()), float((d * d).sum()), bits
 
 
 def restore(params: list, applied: Applied) -> bool:
@@ -405,9 +445,6 @@ def summarize(
     Every block also has ``n_draws`` and ``seed``.
     """
     out: dict = {}
-    base = per_window.get("baseline")
-    rows = per_window.get("conditions")
-    tokens = per_window.get("token_counts")
     first = next((c for c in conditions if c.get("name") == "topk"), None)
     if first is None:
         return out
@@ -416,49 +453,69 @@ def summarize(
         i for i, c in enumerate(conditions) if c.get("seed") == the_seed and c.get("k") == the_k
     ]
 
-    def delta_of(i: int) -> float:
-        v = conditions[i].get("delta_nll")
-        return math.nan if v is None else float(v)
-
     def boot(i: int) -> list[float]:
-        if base is None or rows is None:
-            return [math.nan, math.nan]
-        return list(paired_bootstrap_ci(base, np.asarray(rows[i]), tokens, B=B, seed=seed))
+        return _bootstrap_ci(per_window, i, B, seed)
 
     i_top = conditions.index(first)
-    topk_delta = delta_of(i_top)
+    topk_delta = _delta_of(conditions[i_top])
     out["topk"] = {
         "delta_nll": topk_delta,
         "ci95": boot(i_top),
         "n_draws": 1,
         "seed": the_seed,
     }
+    for n in _control_names(conditions, chosen):
+        idx = [i for i in chosen if conditions[i].get("name") == n]
+        deltas = np.array([_delta_of(conditions[i]) for i in idx], dtype=np.float64)
+        if len(deltas) == 1:
+            out[n] = {"delta_nll": float(deltas[0]), "ci95": boot(idx[0]), "n_draws": 1}
+        else:
+            out[n] = _draws_summary(deltas, topk_delta)
+        out[n]["seed"] = the_seed
+    return out
+
+
+def _delta_of(condition: dict) -> float:
+    v = condition.get("delta_nll")
+    return math.nan if v is None else float(v)
+
+
+def _bootstrap_ci(per_window: dict, i: int, B: int, seed: int) -> list[float]:
+    """The paired bootstrap ci95 of condition row `i` against the baseline (NaN without
+    per-window values)."""
+    base = per_window.get("baseline")
+    rows = per_window.get("conditions")
+    if base is None or rows is None:
+        return [math.nan, math.nan]
+    tokens = per_window.get("token_counts")
+    return list(paired_bootstrap_ci(base, np.asarray(rows[i]), tokens, B=B, seed=seed))
+
+
+def _control_names(conditions: list[dict], chosen: list[int]) -> list[str]:
+    """The controls among the chosen conditions, in order of first appearance."""
     names: list[str] = []
     for i in chosen:
         n = conditions[i].get("name")
         if n != "topk" and n not in names:
             names.append(n)
-    for n in names:
-        idx = [i for i in chosen if conditions[i].get("name") == n]
-        deltas = np.array([delta_of(i) for i in idx], dtype=np.float64)
-        r = len(deltas)
-        if r == 1:
-            out[n] = {"delta_nll": float(deltas[0]), "ci95": boot(idx[0]), "n_draws": 1}
-        else:
-            with np.errstate(all="ignore"):
-                mean = float(np.mean(deltas))
-                std = float(np.std(deltas, ddof=1))
-                ci = [float(v) for v in np.percentile(deltas, [2.5, 97.5])]
-                ge = int(np.sum((deltas >= topk_delta) | np.isnan(deltas)))
-                p = math.nan if math.isnan(topk_delta) else (1 + ge) / (r + 1)
-                z = float(np.float64(topk_delta - mean) / np.float64(std))
-            out[n] = {
-                "mean": mean,
-                "std": std,
-                "ci95": ci,
-                "topk_p_value": p,
-                "topk_z": z,
-                "n_draws": r,
-            }
-        out[n]["seed"] = the_seed
-    return out
+    return names
+
+
+def _draws_summary(deltas: np.ndarray, topk_delta: float) -> dict:
+    """A control of R >= 2 draws against the top-K (see `summarize`)."""
+    r = len(deltas)
+    with np.errstate(all="ignore"):
+        mean = float(np.mean(deltas))
+        std = float(np.std(deltas, ddof=1))
+        ci = [float(v) for v in np.percentile(deltas, [2.5, 97.5])]
+        ge = int(np.sum((deltas >= topk_delta) | np.isnan(deltas)))
+        p = math.nan if math.isnan(topk_delta) else (1 + ge) / (r + 1)
+        z = float(np.float64(topk_delta - mean) / np.float64(std))
+    return {
+        "mean": mean,
+        "std": std,
+        "ci95": ci,
+        "topk_p_value": p,
+        "topk_z": z,
+        "n_draws": r,
+    }

@@ -75,72 +75,107 @@ def evaluate(
     import numpy as np
     import torch
 
-    from cwa.losses import logits_of
-
     ids_all = windows.ids
     n, t = ids_all.shape
     device = next(model.parameters()).device
-    wb = getattr(windows, "window_bytes", None)
-    if wb is not None:
-        wb = np.asarray(wb, dtype=np.int64)
-        if wb.shape != (n,):
-            raise ValueError(f"window_bytes has shape {wb.shape}, expected ({n},)")
-    bl = None if wb is not None or windows.byte_lengths is None else torch.as_tensor(windows.byte_lengths)
-    per_window = np.zeros(n, dtype=np.float64)
-    total_nll = 0.0
-    correct = 0
-    total_bytes = int(wb.sum()) if wb is not None else 0
-    kl_sum = 0.0
-    agree = 0
-    cache = None
+    wb, bl = _byte_counts(windows, n)
+    sums = _EvalSums(per_window=np.zeros(n, dtype=np.float64))
+    sums.total_bytes = int(wb.sum()) if wb is not None else 0
     if keep_baseline:
-        cache = _new_cache(n, t - 1, None, budget_bytes)
+        sums.cache = _new_cache(n, t - 1, None, budget_bytes)
 
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         for s in range(0, n, batch_size):
             ids = ids_all[s : s + batch_size].to(device)
-            logits = logits_of(model, ids)[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            tgt = ids[:, 1:]
-            nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()
-            per_window[s : s + ids.shape[0]] = nll.mean(dim=1).cpu().numpy()
-            total_nll += float(nll.sum())
-            pred = logits.argmax(dim=-1)
-            correct += int((pred == tgt).sum())
-            if bl is not None:
-                total_bytes += int(bl[tgt.cpu().clamp(max=len(bl) - 1)].sum())
-            if keep_baseline:
-                if cache.logp is None:
-                    cache = _new_cache(n, t - 1, logp.shape[-1], budget_bytes)
-                cache.logp[s : s + ids.shape[0]] = logp.cpu().numpy()
-                cache.argmax[s : s + ids.shape[0]] = pred.cpu().numpy()
-            if baseline is not None:
-                lb = torch.from_numpy(np.asarray(baseline.logp[s : s + ids.shape[0]])).to(device)
-                kl = (lb.exp() * (lb - logp)).sum(-1)
-                kl_sum += float(kl.double().sum())
-                ab = torch.from_numpy(baseline.argmax[s : s + ids.shape[0]]).to(device)
-                agree += int((ab == pred).sum())
+            _eval_batch(model, ids, s, sums, bl, baseline, keep_baseline, budget_bytes)
             if progress is not None:
                 progress(ids.shape[0])
     if was_training:
         model.train()
+    return EvalResult(_metrics(sums, n * (t - 1), n, baseline), sums.per_window, sums.cache)
 
-    n_tok = n * (t - 1)
-    nll_mean = total_nll / n_tok
+
+@dataclass
+class _EvalSums:
+    """What `evaluate` accumulates over the batches."""
+
+    per_window: Any  # np.ndarray [N] float64
+    total_nll: float = 0.0
+    correct: int = 0
+    total_bytes: int = 0
+    kl_sum: float = 0.0
+    agree: int = 0
+    cache: BaselineCache | None = None
+
+
+def _byte_counts(windows, n: int) -> tuple[Any, Any]:
+    """The windows' target bytes ([N] int64), or else the per-token byte table as a tensor
+    (None when neither is known)."""
+    import numpy as np
+    import torch
+
+    wb = getattr(windows, "window_bytes", None)
+    if wb is not None:
+        wb = np.asarray(wb, dtype=np.int64)
+        if wb.shape != (n,):
+            raise ValueError(f"window_bytes has shape {wb.shape}, expected ({n},)")
+    bl = None if wb is not None or windows.byte_lengths is None else torch.as_tensor(windows.byte_lengths)
+    return wb, bl
+
+
+def _eval_batch(
+    model, ids, s: int, sums: _EvalSums, bl, baseline: BaselineCache | None, keep_baseline: bool,
+    budget_bytes: int,
+) -> None:
+    """One batch of windows `ids` (from window `s`, on the model's device) into `sums`."""
+    import numpy as np
+    import torch
+
+    from cwa.losses import logits_of
+
+    logits = logits_of(model, ids)[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    tgt = ids[:, 1:]
+    nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()
+    rows = slice(s, s + ids.shape[0])
+    sums.per_window[rows] = nll.mean(dim=1).cpu().numpy()
+    sums.total_nll += float(nll.sum())
+    pred = logits.argmax(dim=-1)
+    sums.correct += int((pred == tgt).sum())
+    if bl is not None:
+        sums.total_bytes += int(bl[tgt.cpu().clamp(max=len(bl) - 1)].sum())
+    if keep_baseline:
+        if sums.cache.logp is None:
+            n, t = len(sums.per_window), ids.shape[1]
+            sums.cache = _new_cache(n, t - 1, logp.shape[-1], budget_bytes)
+        sums.cache.logp[rows] = logp.cpu().numpy()
+        sums.cache.argmax[rows] = pred.cpu().numpy()
+    if baseline is not None:
+        lb = torch.from_numpy(np.asarray(baseline.logp[rows])).to(ids.device)
+        kl = (lb.exp() * (lb - logp)).sum(-1)
+        sums.kl_sum += float(kl.double().sum())
+        ab = torch.from_numpy(baseline.argmax[rows]).to(ids.device)
+        sums.agree += int((ab == pred).sum())
+
+
+def _metrics(sums: _EvalSums, n_tok: int, n: int, baseline: BaselineCache | None) -> dict[str, Any]:
+    nll_mean = sums.total_nll / n_tok
     metrics: dict[str, Any] = {
         "nll": nll_mean,
         "perplexity": _exp(nll_mean),
-        "token_accuracy": correct / n_tok,
-        "bits_per_byte": (total_nll / math.log(2) / total_bytes) if total_bytes > 0 else None,
+        "token_accuracy": sums.correct / n_tok,
+        "bits_per_byte": (
+            sums.total_nll / math.log(2) / sums.total_bytes if sums.total_bytes > 0 else None
+        ),
         "n_tokens": n_tok,
         "n_windows": n,
     }
     if baseline is not None:
-        metrics["kl_from_baseline"] = kl_sum / n_tok
-        metrics["top1_agreement"] = agree / n_tok
-    return EvalResult(metrics, per_window, cache)
+        metrics["kl_from_baseline"] = sums.kl_sum / n_tok
+        metrics["top1_agreement"] = sums.agree / n_tok
+    return metrics
 
 
 def _exp(x: float) -> float:
