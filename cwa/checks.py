@@ -69,6 +69,13 @@ def check_score_dtype(dtype: str, metric_cls) -> str:
     return dtype
 
 
+def check_obd(obd: bool, metric_cls, metrics) -> None:
+    """`--obd` (½·c·w²) needs a curvature metric (`metrics` is the registry)."""
+    if obd and not getattr(metric_cls, "curvature", False):
+        curvature = ", ".join(n for n in metrics.names() if metrics.get(n).curvature)
+        raise UsageError(f"--obd needs a curvature metric ({curvature}), not {metric_cls.name}")
+
+
 def check_scale(scale: float | None) -> float | None:
     if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale >= 0):
         raise UsageError(f"--perturb-scale {scale}: must be a finite number >= 0")

@@ -35,6 +35,7 @@ per run. A hub snapshot costs no read at all: the cache stores each large (LFS) 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -617,9 +618,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
     memo = hash_cache_path()
     entry = _read_memo(memo).get(real)
-    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()):
-        if isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"]):
-            return entry["sha256"]
+    if (isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())
+            and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])):
+        return entry["sha256"]
     started = time.time_ns()
     digest = _sha256_of_file(real)
     after = os.stat(real)
@@ -693,7 +694,5 @@ def _write_memo(path: Path, key: str, entry: dict) -> None:
         pass
     finally:
         if tmp is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass

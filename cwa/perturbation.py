@@ -261,16 +261,10 @@ def _check_scale_prob(
 ) -> tuple[float | None, float]:
     """The scale (the method's default when None; None for a method without one) and the
     probability, checked."""
-    if pert.default_scale is None:
-        scale = None
-    else:
-        scale = pert.default_scale if scale is None else float(scale)
-        if not math.isfinite(scale) or scale < 0:
-            raise UsageError(f"--perturb-scale must be a finite number >= 0, got {scale}.")
-    prob = float(prob)
-    if not 0.0 <= prob <= 1.0:
-        raise UsageError(f"--perturb-prob must be in [0, 1], got {prob}.")
-    return scale, prob
+    from cwa.checks import check_prob, check_scale
+
+    scale = None if pert.default_scale is None else check_scale(pert.default_scale if scale is None else scale)
+    return scale, check_prob(prob)
 
 
 def _sort_order(draw: Draw) -> np.ndarray:

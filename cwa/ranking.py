@@ -518,7 +518,9 @@ class _Moments:
         self.min = math.inf
         self.max = -math.inf
 
-    def add_chunk(self, x: torch.Tensor, a: torch.Tensor, lo: float, hi: float) -> None:
+    def add_chunk(
+        self, x: torch.Tensor, a: torch.Tensor, lo: float, hi: float, scratch: _Scratch
+    ) -> None:
         """x: finite float32 values, a: their absolute values, lo/hi: their min and max."""
         nb = x.numel()
         if nb == 0:
@@ -527,7 +529,7 @@ class _Moments:
         if not math.isfinite(c):
             c = float(x.sum(dtype=torch.float64))
         c = torch.tensor(c / nb, dtype=x.dtype)
-        d = x - c
+        d = torch.sub(x, c, out=scratch.get("d", nb))
         # Σd carries the mean's low digits: float64 (numpy's pairwise sum, 2x torch's);
         # Σd² and Σ|x| are sums of non-negative terms, float32 cascade sums are within a
         # few ulps of them (float64 where a float32 sum would overflow)
@@ -698,13 +700,14 @@ def _moments_pass(
     n_zero = np.zeros(len(names), dtype=np.int64)
     n_nonfinite = np.zeros(len(names), dtype=np.int64)
     abs_lo, abs_hi = math.inf, 0.0
+    scratch = _Scratch()
     for p, name in enumerate(names):
         mom = _Moments()
         for x, n_bad, lo, hi in _finite_chunks(scores, name, chunk_elems):
             n_nonfinite[p] += n_bad
             if x.numel() == 0:
                 continue
-            a = x.abs()
+            a = torch.abs(x, out=scratch.get("a", x.numel()))
             a_lo, a_hi = (float(v) for v in torch.aminmax(a))
             abs_hi = max(abs_hi, a_hi)
             if a_lo == 0:
@@ -713,56 +716,66 @@ def _moments_pass(
                 n_zero[p] += int(np.count_nonzero(is_zero))
                 a_lo = float(np.min(an, where=~is_zero, initial=np.inf))
             abs_lo = min(abs_lo, a_lo)
-            mom.add_chunk(x, a, lo, hi)
+            mom.add_chunk(x, a, lo, hi, scratch)
         moments.append(mom)
     return moments, n_zero, n_nonfinite, abs_lo, abs_hi
 
 
 class _LogBinner:
     """``bincount(bin_abs(a, edges))`` for float32 |s| by arithmetic instead of a binary
-    search: t = (log2 a − log2 e₀)·n/(log2 eₙ − log2 e₀) + 1 in float32, bin = ⌊t⌋.
+    search: t = S·log2 a + C in float32 with S = n/(log2 eₙ − log2 e₀) and C placing edge
+    i at i + 1 + δ, bin = ⌊t⌋ (the ``bucketize(right=True)`` index, e_{b−1} ≤ a < e_b).
 
     Exact against the stored float32 edges: the same float32 arithmetic puts edge i at
-    Tᵢ (a few ulps from i), and t is non-decreasing in a up to ``margin`` (log2 within
-    one ulp, then correctly rounded operations), so an entry whose t is further than
-    ``delta`` = max|Tᵢ − i| + margin from every integer is in bin ⌊t⌋. The rest (a
-    fraction of about 2·delta of the entries, an entry exactly on an edge among them)
-    are binned by ``torch.bucketize`` against the edges. Ranges too narrow for that
-    (delta ≥ 1/16) or subnormal edges use ``bucketize`` for every entry.
+    Tᵢ (measured), and t is non-decreasing in a up to ``margin`` (log2 within one ulp,
+    then correctly rounded operations). With δ ≥ max|Tᵢ − (i + 1 + δ)| + margin an entry
+    of bin b has t in [b, b + 1 + 2δ], so when frac(t) > 2δ, ⌊t⌋ = b. The others (a
+    fraction of about 2δ of the entries; every entry on an edge or one ulp from it) are
+    binned by ``bucketize`` against the edges. Ranges too narrow for this (δ ≥ 1/32) or
+    with a subnormal lowest edge use ``bucketize`` for every entry.
     """
 
     def __init__(self, edges: np.ndarray) -> None:
         e32 = edges.astype(np.float32)
         self.n = len(e32) - 1
         self.edges_t = torch.from_numpy(e32)
+        self.scratch = _Scratch()
         l0, l1 = math.log2(float(e32[0])), math.log2(float(e32[-1]))
-        self.shift = float(np.float32(l0))
-        self.scale = float(np.float32(self.n / (l1 - l0)))
-        big = max(1.0, abs(l0), abs(l1))
-        margin = 4 * 2.0**-23 * (self.scale * big + self.n + 2)
-        dev = np.abs(self._t(torch.log2(self.edges_t)).double().numpy() - np.arange(1, self.n + 2)).max()
-        self.delta = float(dev) + margin
-        self.exact = not (self.delta < 1 / 16 and float(e32[0]) >= 2.0**-126)
+        self.scale = float(np.float32(self.n / (l1 - l0))) if l1 > l0 else math.inf
+        margin = 4 * 2.0**-23 * (self.scale * max(1.0, abs(l0), abs(l1)) + self.n + 2)
+        target = np.arange(1, self.n + 2, dtype=np.float64)
+        self.offset = float(np.float32(1.0 - self.scale * l0)) if math.isfinite(margin) else 0.0
+        dev = self._dev(target)
+        self.delta = 2 * (dev + margin)
+        self.offset = float(np.float32(1.0 + self.delta - self.scale * l0)) if math.isfinite(margin) else 0.0
+        ok = math.isfinite(margin) and self._dev(target + self.delta) + margin <= self.delta
+        self.exact = not (ok and self.delta < 1 / 32 and float(e32[0]) >= 2.0**-126)
 
-    def _t(self, log2a: torch.Tensor) -> torch.Tensor:
-        """t from log2 |s|, in place; zeros (log2 = −inf) clamp to 1/2: bin 0."""
-        return log2a.sub_(self.shift).mul_(self.scale).add_(1.0).clamp_(0.5, self.n + 1.5)
+    def _dev(self, target: np.ndarray) -> float:
+        """max |T_i − target_i| over the edges, with the current offset."""
+        t = self._t(torch.log2(self.edges_t), torch.empty(self.n + 1))
+        return float(np.abs(t.double().numpy() - target).max())
+
+    def _t(self, log2a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """t from log2 |s| (one fused multiply-add); zeros (log2 = −inf) clamp to 1/2: bin 0."""
+        t = torch.add(torch.tensor(self.offset), log2a, alpha=self.scale, out=out)
+        return t.clamp_(0.5, self.n + 1.5)
 
     def counts(self, a: torch.Tensor) -> np.ndarray:
         """Entries per ``bucketize(right=True)`` bin of ``a``, int64 [n + 2]."""
         n2 = self.n + 2
         if self.exact:
             return torch.bincount(bin_abs(a, self.edges_t), minlength=n2).numpy()
-        t = self._t(torch.log2(a))
-        g = t.to(torch.int32)  # t >= 1/2: truncation is the floor
+        m, buf = a.numel(), self.scratch.get
+        t = torch.log2(a, out=buf("t", m))
+        t = self._t(t, t)
+        g = buf("g", m, torch.int32).copy_(t)  # t >= 1/2: truncation is the floor
         full = torch.bincount(g, minlength=n2).numpy()
-        tn = t.numpy()
-        frac = np.rint(tn)
-        np.subtract(tn, frac, out=frac)
-        near = np.flatnonzero(np.abs(frac, out=frac) <= self.delta)
+        frac = torch.frac(t, out=buf("frac", m)).numpy()
+        near_mask = np.less_equal(frac, 2 * self.delta, out=buf("near", m, torch.bool).numpy())
+        near = np.flatnonzero(near_mask)
         if near.size:
-            idx = torch.from_numpy(near)
-            exact = bin_abs(a[idx], self.edges_t).numpy()
+            exact = bin_abs(a[torch.from_numpy(near)], self.edges_t).numpy()
             gn = g.numpy()[near]
             full += np.bincount(exact, minlength=n2) - np.bincount(gn, minlength=n2)
         return full
@@ -779,7 +792,7 @@ def _histogram_pass(
     binner = _LogBinner(edges)
     for p, name in enumerate(names):
         for x, _, _, _ in _finite_chunks(scores, name, chunk_elems):
-            full = binner.counts(x.abs())
+            full = binner.counts(torch.abs(x, out=binner.scratch.get("a", x.numel())))
             counts[p] += full[1 : n_bins + 1]
             counts[p, -1] += full[n_bins + 1]  # the maximum itself
     return counts

@@ -45,7 +45,12 @@ _M64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
-_CHUNK = 1 << 24  # elements per pass: bounds the int64 temporaries (2 x 128 MiB)
+# Elements per pass. On the CPU a pass that stays in cache is 2.5x faster (16 M Rademacher
+# values: 0.27 s in 2^18-element passes, 0.66 s in 2^24, torch.randint 0.18-0.21 s); on an
+# accelerator larger passes mean fewer kernel launches. Either bounds the int64
+# temporaries (2 x 2 MiB, 2 x 128 MiB). The values do not depend on it.
+_CHUNK = 1 << 18
+_CHUNK_DEVICE = 1 << 24
 
 
 def derive_seed(seed: int, purpose: str, *index: int) -> int:
@@ -137,8 +142,9 @@ def _fill(out, keys: tuple[int, int], offset: int, convert) -> None:
     """Fill ``out`` (contiguous) with convert(words) chunk by chunk, element i of its flat
     view taking word offset + i."""
     flat = out.view(-1)
-    for a in range(0, flat.numel(), _CHUNK):
-        b = min(a + _CHUNK, flat.numel())
+    step = _CHUNK if out.device.type == "cpu" else _CHUNK_DEVICE
+    for a in range(0, flat.numel(), step):
+        b = min(a + step, flat.numel())
         flat[a:b] = convert(_words(keys, offset + a, b - a, out.device))
 
 

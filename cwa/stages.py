@@ -323,9 +323,7 @@ def _plan_score(lm, data: DataOptions, metric: str, seed: int, mc_samples: int, 
     mopts = MetricOptions(seed=C.check_seed(seed), mc_samples=mc_samples,
                           hutchinson_samples=hutchinson_samples, obd=obd)
     mopts.validate()
-    if obd and not cls.curvature:
-        curvature = ", ".join(n for n in METRICS.names() if METRICS.get(n).curvature)
-        raise UsageError(f"--obd needs a curvature metric ({curvature}), not {name}")
+    C.check_obd(obd, cls, METRICS)
     C.check_score_dtype(score_dtype, cls)
     calib = data.split(lm, seed=seed, calib=True, evaluation=False).calibration if cls.needs_data else None
     opts: dict[str, Any] = {"include": include or None, "exclude": exclude or None, "obd": obd,

@@ -253,11 +253,10 @@ def _check_request(
     model, params: dict, cls: type[Metric], options: MetricOptions, batch_size: int
 ) -> None:
     """The options, batch size and parameters make sense for this metric and model."""
-    if options.obd and not cls.curvature:
-        curvature = ", ".join(n for n in METRICS.names() if METRICS.get(n).curvature)
-        raise UsageError(f"--obd needs a curvature metric ({curvature}); {cls.name!r} is not one.")
-    if int(batch_size) < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}.")
+    from cwa.checks import check_obd, check_positive
+
+    check_obd(options.obd, cls, METRICS)
+    check_positive("--batch-size", batch_size)
     if not params:
         raise UsageError("No parameters to score.")
     owned = {id(p) for p in model.parameters()}

@@ -111,7 +111,7 @@ def _reference_bytes(tok, docs: list[str], seq_len: int) -> list[int]:
         if i:
             pos.append(None)
         pos += [(i, j) for j in range(len(ids))]
-    P = [_prefix_bytes(tok, ids, d) for ids, d in zip(per_doc, docs)]
+    P = [_prefix_bytes(tok, ids, d) for ids, d in zip(per_doc, docs, strict=True)]
     has_bos = tok.bos_token_id is not None
     body = seq_len - 1 if has_bos else seq_len
     out = []

@@ -28,7 +28,7 @@ def _free(monkeypatch, free: int) -> None:
 
 
 def test_the_estimate_covers_the_file_it_writes(tiny_gpt2, text, tmp_path):
-    from cwa.stages import DataOptions, ModelOptions, scores_bytes, score_stage
+    from cwa.stages import DataOptions, ModelOptions, score_stage, scores_bytes
 
     lm = ModelOptions(model=str(tiny_gpt2), device="cpu").load()
     for dtype in ("float32", "bfloat16"):

@@ -339,7 +339,7 @@ def test_a_file_that_is_not_a_cwa_artifact_is_never_overwritten(tmp_path):
         with pytest.raises(UsageError) as ei:
             A.check_output(p, "-o")
         assert str(ei.value) == f"-o {p}: exists and is not a cwa artifact; choose another output path"
-        for write in (lambda: _h5(p), lambda: _scores(p)):
+        for write in (lambda p=p: _h5(p), lambda p=p: _scores(p)):
             with pytest.raises(UsageError, match="not a cwa artifact"):
                 write()
         with pytest.raises(UsageError, match="not a cwa artifact"):
@@ -567,7 +567,7 @@ def test_input_that_is_not_a_regular_file_is_refused(tmp_path):
     for read in (A.read_h5, A.open_scores):
         got: list[BaseException | None] = []
 
-        def run(read=read):
+        def run(read=read, got=got):
             try:
                 read(fifo)
                 got.append(None)
