@@ -11,14 +11,19 @@ index), ascending. ``+inf`` is the largest key; NaN is a run-time error naming t
 are also broken by position ascending and ``+inf`` (abs) comes last.
 
 Scores may hold a billion entries, so nothing concatenates them. Each tensor is read in
-chunks of at most ``chunk_elems`` entries; a candidate buffer, always kept in position
-order, receives the entries of each chunk that can still reach the top-K and is compacted
-back to K entries once it exceeds 2K (a quickselect for the K-th key, then every entry
-above it plus the earliest entries equal to it). Once a compaction has happened, a chunk
-entry whose key is not strictly above the buffer's K-th key can never enter: K earlier
-entries already beat or tie it, and ties go to the earlier position. Peak memory is one
-chunk plus O(K), and the result is exactly the stable-sort definition above, because the
-global top-K is contained in the union of per-chunk top-Ks.
+chunks of at most ``chunk_elems`` (and ``BLOCK_ELEMS``) entries; a candidate buffer,
+always kept in position order, receives the entries of each chunk that can still reach
+the top-K and is compacted back to K entries once it exceeds 2K (a quickselect for the
+K-th key, then every entry above it plus the earliest entries equal to it). Once a
+compaction has happened, a chunk entry whose key is not strictly above the buffer's K-th
+key (the running threshold) can never enter: K earlier entries already beat or tie it,
+and ties go to the earlier position. The threshold filters each chunk before any
+selection: one min/max reduction gives the chunk's largest key (and finds a NaN), and a
+chunk whose largest key is below the threshold is done; otherwise one vectorized
+``key >= threshold`` keeps the few survivors, which split into ties (counted) and
+entrants (buffered). Peak memory is one chunk plus O(K), and the result is exactly the
+stable-sort definition above, because the global top-K is contained in the union of
+per-chunk top-Ks.
 
 ``ties_at_k`` is the number of entries in the whole population whose key equals the K-th
 key, the K-th itself included (1 means the cut is unambiguous). Entries rejected along the
@@ -30,11 +35,17 @@ fewer entries) has no cut and contributes 0.
 
 Statistics
 ----------
-``sensitivity_stats`` streams the same chunks twice: once for moments and extremes (float64
-accumulators, Chan's parallel variance), once for a histogram of ``|s|`` on log-spaced bins
-shared by all tensors. Quantiles of ``|s|`` are read from that histogram and are therefore
-approximate: each lies in the same bin as the exact inverted-CDF quantile, i.e. within one
-bin width (a factor ``(max/min_pos)**(1/n_bins)``) of it.
+``sensitivity_stats`` streams the same chunks twice: once for moments and extremes (per
+chunk Σ(x − c) in float64, Σ(x − c)² and Σ|x| as float32 cascade sums, within a few ulps;
+float64 accumulators across chunks, Chan's parallel variance), once for a histogram of
+``|s|`` on log-spaced bins shared by all tensors (their range is known only after the
+first pass). The bin of an entry is computed, not searched: ⌊S·log2|s| + C⌋ in float32,
+with every entry within a proven rounding bound of an edge (2.5·10⁻⁴ of N(0, 1) scores) binned
+again by ``torch.bucketize`` against the stored float32 edges, so the counts are exactly
+those of the edges reported (see ``_LogBinner``). Quantiles of ``|s|`` are read from that
+histogram and are therefore approximate: each lies in the same bin as the exact
+inverted-CDF quantile, i.e. within one bin width (a factor ``(max/min_pos)**(1/n_bins)``)
+of it. ``cwa rank`` is thus three reads of the scores: the top-K, then these two passes.
 """
 
 from __future__ import annotations
@@ -54,6 +65,11 @@ from cwa.errors import CwaError, UsageError
 from cwa.registry import check_choice
 
 DEFAULT_CHUNK_ELEMS = 2**24
+# Ranking and statistics read in blocks of at most this many entries: a block and its
+# temporaries stay in a 1 MB L2 cache (measured on 1e9 scores: top-K 1.9 -> 1.4 s,
+# moments 4.6 -> 3.9 s, histogram 10.2 -> 9.1 s against the reader's 2^20-entry pieces;
+# cutting 2^20-entry pieces into blocks after the read gains less).
+BLOCK_ELEMS = 2**18
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 RANK_BY = ("abs", "value")
 MODES = ("global", "per_layer")
@@ -200,15 +216,23 @@ def source_chunks(scores, name: str, chunk_elems: int) -> Iterator[tuple[int, to
         yield from iter_chunks(scores.get(name), chunk_elems)
 
 
+def _blocks(scores, name: str, chunk_elems: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, float32 flat block) of one score tensor: pieces of at most `chunk_elems`
+    and `BLOCK_ELEMS` entries (a source's larger pieces are cut into views)."""
+    for start, chunk in source_chunks(scores, name, min(int(chunk_elems), BLOCK_ELEMS)):
+        chunk = chunk.float()
+        n = chunk.numel()
+        if n <= BLOCK_ELEMS:
+            yield start, chunk
+            continue
+        for j in range(0, n, BLOCK_ELEMS):
+            yield start + j, chunk[j : j + BLOCK_ELEMS]
+
+
 def _check_args(k: int, mode: str, rank_by: str) -> None:
     check_topk(k)
     check_mode(mode)
     check_choice("--rank-by", rank_by, RANK_BY)
-
-
-def _key(raw: torch.Tensor, rank_by: str, lowest: bool) -> torch.Tensor:
-    key = raw.abs() if rank_by == "abs" else raw
-    return -key if lowest else key
 
 
 class _Scratch:
@@ -355,8 +379,7 @@ def _stream_tensor(
 
     The common case, once the stream has a threshold, is a chunk whose largest key is
     below it: then nothing in it can enter or tie, and the chunk costs one reduction."""
-    for start, chunk in source_chunks(scores, name, chunk_elems):
-        chunk = chunk.float()
+    for start, chunk in _blocks(scores, name, chunk_elems):
         if chunk.numel() == 0:
             continue
         top = _top_key(chunk, rank_by, lowest)
@@ -676,8 +699,8 @@ def _finite_chunks(
 ) -> Iterator[tuple[torch.Tensor, int, float, float]]:
     """(the finite values of a chunk as float32, how many were not finite, their min and
     max); the common all-finite chunk costs one reduction (min/max propagate NaN)."""
-    for _, chunk in source_chunks(scores, name, chunk_elems):
-        x = chunk.float()
+    for _, chunk in _blocks(scores, name, chunk_elems):
+        x = chunk
         if x.numel() == 0:
             continue
         lo, hi = (float(v) for v in torch.aminmax(x))
@@ -743,12 +766,14 @@ class _LogBinner:
         l0, l1 = math.log2(float(e32[0])), math.log2(float(e32[-1]))
         self.scale = float(np.float32(self.n / (l1 - l0))) if l1 > l0 else math.inf
         margin = 4 * 2.0**-23 * (self.scale * max(1.0, abs(l0), abs(l1)) + self.n + 2)
+        if not math.isfinite(margin):  # a single value: no range to compute in
+            self.offset, self.delta, self.exact = 0.0, math.inf, True
+            return
         target = np.arange(1, self.n + 2, dtype=np.float64)
-        self.offset = float(np.float32(1.0 - self.scale * l0)) if math.isfinite(margin) else 0.0
-        dev = self._dev(target)
-        self.delta = 2 * (dev + margin)
-        self.offset = float(np.float32(1.0 + self.delta - self.scale * l0)) if math.isfinite(margin) else 0.0
-        ok = math.isfinite(margin) and self._dev(target + self.delta) + margin <= self.delta
+        self.offset = float(np.float32(1.0 - self.scale * l0))
+        self.delta = 2 * (self._dev(target) + margin)  # then check it with δ in C
+        self.offset = float(np.float32(1.0 + self.delta - self.scale * l0))
+        ok = self._dev(target + self.delta) + margin <= self.delta
         self.exact = not (ok and self.delta < 1 / 32 and float(e32[0]) >= 2.0**-126)
 
     def _dev(self, target: np.ndarray) -> float:

@@ -25,8 +25,11 @@ the host or copied to the device.
 
 Cost: per batch one forward, one backward with create_graph=True and P Hessian-vector
 products (double backward through the retained graph), i.e. about 1 forward + (1 + 2P)
-backward-equivalents per batch. Memory: the graph of the first backward, plus one probe and
-one HVP the size of the scored parameters, plus the float32 accumulator. A stop request
+backward-equivalents per batch. Memory beyond the model: the float32 accumulator (4 bytes
+per scored weight), the first backward's gradients kept for the double backward (the model
+dtype: 2 bytes in bf16), and transients the size of one tensor — no probe is stored (a
+custom autograd node regenerates z in its backward, `probe_dot`) and each HVP is added to
+its accumulator as soon as autograd produces it (a post-accumulate-grad hook) and freed. A stop request
 (SIGTERM / Ctrl-C, `cwa.stop`) is acted on between probes, so it waits for at most one
 backward or one HVP.
 
@@ -54,6 +57,42 @@ def rademacher(seed: int, probe: int, param_index: int, like):
                           dtype=torch.float32)
 
 
+_PIECE = 1 << 22  # entries of a probe regenerated at a time (16 MB in float32)
+
+
+def _probe_pieces(seed: int, probe: int, index: int, n: int, device, dtype):
+    """(start, end, ±1 of the probe's entries start..end-1) for a flat tensor of n entries:
+    the same values as `rademacher`, regenerated piece by piece where they are consumed."""
+    for a in range(0, n, _PIECE):
+        b = min(a + _PIECE, n)
+        yield a, b, rng.rademacher(seed, "probe", probe, index, shape=(b - a,), device=device, dtype=dtype, offset=a)
+
+
+def probe_dot(g, seed: int, probe: int, index: int):
+    """(g · z).sum() for the probe z of (seed, probe, index), a node whose backward gives
+    z (in g's dtype) without z ever being stored: it is regenerated in the backward."""
+    import torch
+
+    class ProbeDot(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, g):
+            flat = g.detach().reshape(-1)
+            total = torch.zeros((), dtype=torch.float32, device=g.device)
+            for a, b, z in _probe_pieces(seed, probe, index, flat.numel(), g.device, torch.float32):
+                total += (flat[a:b].float() * z).sum()
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+            flat = out.view(-1)
+            for a, b, z in _probe_pieces(seed, probe, index, flat.numel(), g.device, g.dtype):
+                flat[a:b] = z
+            return out.mul_(grad_out.to(g.dtype))
+
+    return ProbeDot.apply(g)
+
+
 class HutchinsonDiag(Metric):
     name = "hutchinson_diag"
     summary = "(1/P) sum_p z_p * (H z_p), Rademacher z: unbiased exact-Hessian diagonal, signed"
@@ -76,18 +115,14 @@ class HutchinsonDiag(Metric):
         accs = list(self.acc.values())
         for p in range(probes):
             check_stop()  # each HVP is one uninterruptible C++ call: stop between them
-            zs = {i: rademacher(self.options.seed, p, i, params[i]) for i in live}
             # Per-parameter products may live on different devices (--device-map auto):
             # bring each scalar to the loss's device before summing.
             dev = objective.device
-            dot = sum((grads[i].float() * zs[i]).sum().to(dev) for i in live)
+            dot = sum(probe_dot(grads[i], self.options.seed, p, i).to(dev) for i in live)
+            hooks = [params[i].register_post_accumulate_grad_hook(self._consumer(accs[i], p, i, probes))
+                     for i in live]
             try:
-                hvps = torch.autograd.grad(
-                    dot,
-                    params,
-                    retain_graph=p < probes - 1,
-                    allow_unused=True,
-                )
+                torch.autograd.backward(dot, inputs=[params[i] for i in live], retain_graph=p < probes - 1)
             except RuntimeError as e:  # fused attention kernels have no double backward
                 if not any(k in str(e).lower() for k in ("derivative", "double backward")):
                     raise
@@ -96,10 +131,28 @@ class HutchinsonDiag(Metric):
                     f"not support ({e}). Load the model with eager attention "
                     f"(attn_implementation='eager')."
                 ) from e
-            for i in live:
-                if hvps[i] is not None:
-                    accs[i].addcmul_(zs[i], hvps[i].float(), value=1.0 / probes)
-            del zs, dot, hvps
+            finally:
+                for h in hooks:
+                    h.remove()
+                for i in live:
+                    params[i].grad = None
+            del dot
+
+    def _consumer(self, acc, probe: int, index: int, probes: int):
+        """A post-accumulate-grad hook: add z ⊙ (Hz) of one parameter to its accumulator
+        as soon as its HVP exists, the probe regenerated piece by piece, then free the HVP
+        (so at most the HVPs the engine holds at once are alive, not one per parameter)."""
+        seed = self.options.seed
+
+        def consume(param) -> None:
+            import torch
+
+            hv, a_flat = param.grad.reshape(-1), acc.view(-1)
+            for a, b, z in _probe_pieces(seed, probe, index, hv.numel(), hv.device, torch.float32):
+                a_flat[a:b].addcmul_(z, hv[a:b].float(), value=1.0 / probes)
+            param.grad = None
+
+        return consume
 
     def finish(self):
         return {name: as_float32_cpu(acc) for name, acc in self.acc.items()}

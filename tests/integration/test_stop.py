@@ -39,23 +39,23 @@ def touch(path):
 if hook.startswith("probes"):  # log every probe started; optionally swallow a SIGTERM
     import cwa.metrics.hutchinson_diag as H
 
-    real, log = H.rademacher, open(marker + ".probes", "a", buffering=1)
+    real, log = H.probe_dot, open(marker + ".probes", "a", buffering=1)
     swallow_at = int(hook.split(":")[1]) if ":" in hook else -1
 
     class SwallowingFinalizer:  # like a weakref callback or __del__ during a backward pass
         def __del__(self):
             signal.raise_signal(signal.SIGTERM)  # the handler runs here; its exception is discarded
 
-    def rademacher(seed, probe, param_index, shape):
+    def probe_dot(g, seed, probe, param_index):
         if param_index == 0:
             log.write(f"{probe}\n")
             if probe == 0:
                 touch(marker)
             if probe == swallow_at:
                 SwallowingFinalizer()  # created and finalized at once
-        return real(seed, probe, param_index, shape)
+        return real(g, seed, probe, param_index)
 
-    H.rademacher = rademacher
+    H.probe_dot = probe_dot
 elif hook.startswith("cleanup"):  # park with the temp file written; hold the cleanup open
     import safetensors.torch as st
 
@@ -266,7 +266,7 @@ def _counting(monkeypatch, module, attr, request_at: int = 1) -> list[int]:
         # between windows, between label draws, between probes
         ("grad_squared", "cwa.metrics.grad_squared", "window_losses", {}),
         ("hessian_diag", "cwa.metrics.hessian_diag", "token_nll", {"mc_samples": 4}),
-        ("hutchinson_diag", "cwa.metrics.hutchinson_diag", "rademacher",
+        ("hutchinson_diag", "cwa.metrics.hutchinson_diag", "probe_dot",
          {"hutchinson_samples": 50}),
     ],
 )
@@ -283,7 +283,7 @@ def test_metric_loops_stop_at_the_next_step(lm, monkeypatch, metric, module, att
     calls = _counting(monkeypatch, importlib.import_module(module), attr)
     ids = torch.randint(0, 100, (6, 16))
     params = select_params(lm)
-    n_first = len(params) if attr == "rademacher" else 1  # one probe = one draw per parameter
+    n_first = len(params) if attr == "probe_dot" else 1  # one probe = one node per parameter
     with pytest.raises(stop.Terminated):
         compute_scores(lm, params, ids, None, metric, MetricOptions(**extra), batch_size=6)
     assert len(calls) <= n_first, (len(calls), n_first)
