@@ -147,8 +147,12 @@ def _check_full(p: subprocess.Popen, out: Path, what: str) -> str:
     lines = [x for x in stderr.splitlines() if x.strip()]
     assert p.returncode == 1, f"{what}: exit {p.returncode} (139/-11: a crash)\n{stderr[-3000:]}"
     assert len(lines) == 1 and "Traceback" not in stderr, f"{what}: {stderr[-3000:]}"
-    assert lines[0].startswith(f"error: {out}: no space left on device while writing ("), lines[0]
-    assert "free space or choose another output path" in lines[0], lines[0]
+    if what == "score-big":  # scores: refused before any work, from their computed size
+        assert lines[0].startswith(f"error: -o {out}: needs "), lines[0]
+        assert "free; use --score-dtype bfloat16" in lines[0], lines[0]
+    else:
+        assert lines[0].startswith(f"error: {out}: no space left on device while writing ("), lines[0]
+        assert "free space or choose another output path" in lines[0], lines[0]
     assert stdout == "", stdout
     return lines[0]
 
@@ -183,7 +187,7 @@ def test_real_full_disk(k, big, tmp_path):
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-        assert "MB needed" in lines["score-big"] and "MB needed" in lines["rank-big"], lines
+        assert "MB on" in lines["score-big"] and "MB needed" in lines["rank-big"], lines
         assert os.listdir(empty) == [], f"left on the empty disk: {os.listdir(empty)}"
         assert tree_state(full) == before, "the full disk's files changed"
         assert not tmp_files(empty) and not tmp_files(full)
