@@ -1327,19 +1327,48 @@ def provenance(art: H5Artifact) -> dict[str, Any]:
 
 
 @dataclass
-class Results:
-    """Perturbation results (`perturbation/1`): `doc` is `perturbation_results.json`
-    (baseline, conditions, summary, ...), `arrays` the per-window NLLs and flipped bits,
-    `attrs` the record (fingerprint, method, model and data fingerprints, seed)."""
+class _Document:
+    """An HDF5 result read whole: `doc` (its JSON report), `arrays`, `attrs` (the record:
+    fingerprint, model and data fingerprints, provenance), `path`. Subclasses name their
+    `SCHEMA` and what their document must hold."""
 
     doc: dict[str, Any]
     arrays: dict[str, Any] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    SCHEMA = ""
+    REQUIRED = ""  # a key the document must hold ("" none)
 
     @property
     def fingerprint(self) -> str:
         return str(self.attrs.get("fingerprint", ""))
+
+    def save(self, path: str | os.PathLike, json_path: str | os.PathLike | None = None) -> Path:
+        """Write the artifact (and, with `json_path`, its JSON document)."""
+        self.path = write_h5(path, self.SCHEMA, self.attrs, self.arrays, doc=self.doc)
+        if json_path is not None:
+            write_json(json_path, self.doc)
+        return self.path
+
+    @classmethod
+    def from_artifact(cls, art: H5Artifact):
+        """The result of an artifact already read (`read_h5`), checked."""
+        if art.schema != cls.SCHEMA:
+            raise ArtifactError(f"{art.path}: expected a {cls.SCHEMA} artifact, found {art.schema or 'no schema'}")
+        if not isinstance(art.doc, dict) or (cls.REQUIRED and not isinstance(art.doc.get(cls.REQUIRED), list)):
+            what = f"no {cls.REQUIRED}" if cls.REQUIRED else "no document"
+            raise ArtifactError(f"{art.path}: malformed {cls.SCHEMA.split('/')[0]} artifact ({what}); recompute it with --force")
+        return cls(doc=art.doc, arrays=art.arrays, attrs=art.attrs, path=art.path)
+
+
+@dataclass
+class Results(_Document):
+    """Perturbation results (`perturbation/1`): `doc` is `perturbation_results.json`
+    (baseline, conditions, summary, ...), `arrays` the per-window NLLs and flipped bits,
+    `attrs` the record (fingerprint, method, model and data fingerprints, seed)."""
+
+    SCHEMA = PERTURBATION_SCHEMA
+    REQUIRED = "conditions"
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -1359,40 +1388,13 @@ class Results:
 
         return pd.DataFrame(self.conditions)
 
-    def save(self, path: str | os.PathLike, json_path: str | os.PathLike | None = None) -> Path:
-        """Write the `perturbation/1` artifact (and, with `json_path`, its JSON document)."""
-        self.path = write_h5(path, PERTURBATION_SCHEMA, self.attrs, self.arrays, doc=self.doc)
-        if json_path is not None:
-            write_json(json_path, self.doc)
-        return self.path
-
-
-def read_results(path: str | os.PathLike) -> Results:
-    return results_from(read_h5(path, PERTURBATION_SCHEMA))
-
-
-def results_from(art: H5Artifact) -> Results:
-    """The `Results` of a `perturbation/1` artifact already read, checked."""
-    if art.schema != PERTURBATION_SCHEMA:
-        raise ArtifactError(f"{art.path}: expected a {PERTURBATION_SCHEMA} artifact, found {art.schema or 'no schema'}")
-    if not isinstance(art.doc, dict) or not isinstance(art.doc.get("conditions"), list):
-        raise ArtifactError(f"{art.path}: malformed perturbation artifact (no conditions); recompute it with --force")
-    return Results(doc=art.doc, arrays=art.arrays, attrs=art.attrs, path=art.path)
-
 
 @dataclass
-class Stability:
+class Stability(_Document):
     """Stability results (`stability/1`): `doc` is `stability_results.json` (Jaccard,
     Spearman, the chance level, per-tensor overlap), `arrays` the matrices."""
 
-    doc: dict[str, Any]
-    arrays: dict[str, Any] = field(default_factory=dict)
-    attrs: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self.attrs.get("fingerprint", ""))
+    SCHEMA = STABILITY_SCHEMA
 
     @property
     def mean_jaccard(self) -> float | None:
@@ -1424,24 +1426,21 @@ class Stability:
                 rows.append(row)
         return pd.DataFrame(rows)
 
-    def save(self, path: str | os.PathLike, json_path: str | os.PathLike | None = None) -> Path:
-        self.path = write_h5(path, STABILITY_SCHEMA, self.attrs, self.arrays, doc=self.doc)
-        if json_path is not None:
-            write_json(json_path, self.doc)
-        return self.path
+
+def read_results(path: str | os.PathLike) -> Results:
+    return Results.from_artifact(read_h5(path, PERTURBATION_SCHEMA))
 
 
 def read_stability(path: str | os.PathLike) -> Stability:
-    return stability_from(read_h5(path, STABILITY_SCHEMA))
+    return Stability.from_artifact(read_h5(path, STABILITY_SCHEMA))
+
+
+def results_from(art: H5Artifact) -> Results:
+    return Results.from_artifact(art)
 
 
 def stability_from(art: H5Artifact) -> Stability:
-    """The `Stability` of a `stability/1` artifact already read, checked."""
-    if art.schema != STABILITY_SCHEMA:
-        raise ArtifactError(f"{art.path}: expected a {STABILITY_SCHEMA} artifact, found {art.schema or 'no schema'}")
-    if not isinstance(art.doc, dict):
-        raise ArtifactError(f"{art.path}: malformed stability artifact (no document); recompute it with --force")
-    return Stability(doc=art.doc, arrays=art.arrays, attrs=art.attrs, path=art.path)
+    return Stability.from_artifact(art)
 
 
 # --------------------------------------------------------------------------- describe
