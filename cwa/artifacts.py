@@ -1435,14 +1435,6 @@ def read_stability(path: str | os.PathLike) -> Stability:
     return Stability.from_artifact(read_h5(path, STABILITY_SCHEMA))
 
 
-def results_from(art: H5Artifact) -> Results:
-    return Results.from_artifact(art)
-
-
-def stability_from(art: H5Artifact) -> Stability:
-    return Stability.from_artifact(art)
-
-
 # --------------------------------------------------------------------------- describe
 
 

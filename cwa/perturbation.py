@@ -152,11 +152,6 @@ PERTURBATIONS.add("bit_flip", Perturbation("bit_flip", _bit_flip, None, ("prob",
                                            "flip one IEEE bit with probability p"))
 
 
-def default_scale(method: str) -> float | None:
-    """The scale a method uses when none is given (None: it takes no scale)."""
-    return PERTURBATIONS.get(method).default_scale
-
-
 # --------------------------------------------------------------------------- apply/restore
 
 

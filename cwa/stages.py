@@ -280,12 +280,6 @@ def _paths_of(*objs: Any) -> list[Path]:
     return [Path(o.path) for o in objs if getattr(o, "path", None) is not None]
 
 
-def scores_seed(sc) -> int:
-    """The seed a scores artifact was computed with: every selection made from it carries
-    it, so a top-K and its controls are compared seed by seed."""
-    return sc.seed
-
-
 def _provenance(sc) -> dict[str, Any]:
     return {
         "scores": None if sc.path is None else str(sc.path),
@@ -648,13 +642,6 @@ def check_perturb_options(method: str, scale: float | None, prob: float, bit: st
         except UsageError as e:
             raise UsageError(f"{str(e).rstrip('.')} (the model is loaded in {dtype}; see --dtype)") from None
     return method, scale, bit
-
-
-def default_scale(method: str, scale: float | None) -> float | None:
-    """The scale a method uses: the given one, else the registry's default."""
-    from cwa.perturbation import PERTURBATIONS
-
-    return PERTURBATIONS.get(method).default_scale if scale is None else scale
 
 
 @dataclass

@@ -83,3 +83,11 @@ def text_docs(tmp_path_factory):
     for i, t in enumerate(docs):
         (d / f"doc{i:02d}.txt").write_text(t)
     return d, docs
+
+
+@pytest.fixture(scope="module")
+def k(tmp_path_factory, tiny_gpt2, tiny_llama):
+    """The shared artifacts of `reliability_util.kit` (built once per session directory)."""
+    from tests.integration.reliability_util import kit
+
+    return kit(tmp_path_factory.getbasetemp(), tiny_gpt2, tiny_llama)

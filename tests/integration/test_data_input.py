@@ -18,15 +18,8 @@ from tests.integration.reliability_util import (
     assert_ok,
     assert_refused,
     invoke,
-    kit,
     tree_state,
 )
-
-
-@pytest.fixture(scope="module")
-def k(tmp_path_factory, tiny_gpt2, tiny_llama):
-    return kit(tmp_path_factory.getbasetemp(), tiny_gpt2, tiny_llama)
-
 
 # --------------------------------------------------------------------------- .npy width
 

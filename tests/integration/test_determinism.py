@@ -23,14 +23,8 @@ from tests.integration.reliability_util import (
     assert_ok,
     h5_content,
     invoke,
-    kit,
     scores_content,
 )
-
-
-@pytest.fixture(scope="module")
-def k(tmp_path_factory, tiny_gpt2, tiny_llama):
-    return kit(tmp_path_factory.getbasetemp(), tiny_gpt2, tiny_llama)
 
 
 def _chain(k, folder: Path, seed: int, monkeypatch) -> dict[str, Path]:

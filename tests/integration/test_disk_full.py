@@ -35,17 +35,10 @@ from tests.integration.reliability_util import (
     assert_refused,
     cwa_subprocess,
     invoke,
-    kit,
     scores_content,
     tmp_files,
     tree_state,
 )
-
-
-@pytest.fixture(scope="module")
-def k(tmp_path_factory, tiny_gpt2, tiny_llama):
-    return kit(tmp_path_factory.getbasetemp(), tiny_gpt2, tiny_llama)
-
 
 # --------------------------------------------------------------------------- patched write
 

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.reliability_util import assert_ok, invoke, kit
+from tests.integration.reliability_util import assert_ok, invoke
 
 # CWA_FUZZ_EXAMPLES=N: N random examples per test instead of the suite's fixed few.
 _HUNT = int(os.environ.get("CWA_FUZZ_EXAMPLES", "0"))
@@ -41,11 +41,6 @@ FUZZ = settings(
     phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure is reported as found, fast
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-@pytest.fixture(scope="module")
-def k(tmp_path_factory, tiny_gpt2, tiny_llama):
-    return kit(tmp_path_factory.getbasetemp(), tiny_gpt2, tiny_llama)
 
 
 @pytest.fixture(scope="module")

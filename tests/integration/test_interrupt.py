@@ -27,7 +27,6 @@ from tests.integration.reliability_util import (
     assert_ok,
     h5_content,
     invoke,
-    kit,
     tmp_files,
 )
 
@@ -95,11 +94,6 @@ class Case:
     folder: Path  # where temporary files would be
     proc: subprocess.Popen | None = None
     marker: Path | None = None
-
-
-@pytest.fixture(scope="module")
-def k(tmp_path_factory, tiny_gpt2, tiny_llama):
-    return kit(tmp_path_factory.getbasetemp(), tiny_gpt2, tiny_llama)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from tests.integration.reliability_util import (
     assert_ok,
     cwa_subprocess,
     invoke,
-    kit,
 )
-
-
-@pytest.fixture(scope="module")
-def k(tmp_path_factory, tiny_gpt2, tiny_llama):
-    return kit(tmp_path_factory.getbasetemp(), tiny_gpt2, tiny_llama)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 
 from cwa import artifacts as A
-from tests.integration.reliability_util import SEQ, assert_clean_error, assert_ok, invoke, kit
+from tests.integration.reliability_util import SEQ, assert_clean_error, assert_ok, invoke
 
 TINY = ["--calib-samples", "4", "--eval-samples", "3", "--seq-len", SEQ, "--control-draws", "3"]
-
-
-@pytest.fixture(scope="module")
-def k(tmp_path_factory, tiny_gpt2, tiny_llama):
-    return kit(tmp_path_factory.getbasetemp(), tiny_gpt2, tiny_llama)
 
 
 @pytest.fixture(autouse=True)
