@@ -26,10 +26,12 @@ the host or copied to the device.
 Cost: per batch one forward, one backward with create_graph=True and P Hessian-vector
 products (double backward through the retained graph), i.e. about 1 forward + (1 + 2P)
 backward-equivalents per batch. Memory beyond the model: the float32 accumulator (4 bytes
-per scored weight), the first backward's gradients kept for the double backward (the model
-dtype: 2 bytes in bf16), and transients the size of one tensor — no probe is stored (a
-custom autograd node regenerates z in its backward, `probe_dot`) and each HVP is added to
-its accumulator as soon as autograd produces it (a post-accumulate-grad hook) and freed. A stop request
+per scored weight), the probe as autograd feeds it back through the graph (the model
+dtype: 2 bytes in bf16), and transients the size of one tensor. No probe is stored (a
+custom autograd node regenerates z in its backward, `probe_dot`); the first backward's
+gradients are freed once the graph that made them is recorded (only that graph is needed,
+`_release_gradients`); each HVP is added to its accumulator as soon as autograd produces
+it (a post-accumulate-grad hook) and freed. A stop request
 (SIGTERM / Ctrl-C, `cwa.stop`) is acted on between probes, so it waits for at most one
 backward or one HVP.
 
@@ -69,18 +71,18 @@ def _probe_pieces(seed: int, probe: int, index: int, n: int, device, dtype):
 
 
 def probe_dot(g, seed: int, probe: int, index: int):
-    """(g · z).sum() for the probe z of (seed, probe, index), a node whose backward gives
-    z (in g's dtype) without z ever being stored: it is regenerated in the backward."""
+    """A scalar node on g whose gradient w.r.t. g is the probe z of (seed, probe, index), in
+    g's dtype: backpropagating it through g's graph gives H z. Its value is 0 (the value
+    of g · z is never needed), so g's entries are never read, and z is never stored: it is
+    regenerated in the backward."""
     import torch
 
     class ProbeDot(torch.autograd.Function):
         @staticmethod
         def forward(ctx, g):
-            flat = g.detach().reshape(-1)
-            total = torch.zeros((), dtype=torch.float32, device=g.device)
-            for a, b, z in _probe_pieces(seed, probe, index, flat.numel(), g.device, torch.float32):
-                total += (flat[a:b].float() * z).sum()
-            return total
+            # The value of g · z is never used, only its gradient z: g's entries are not
+            # read (its storage may already be freed, `_release_gradients`).
+            return torch.zeros((), dtype=torch.float32, device=g.device)
 
         @staticmethod
         def backward(ctx, grad_out):
@@ -91,6 +93,49 @@ def probe_dot(g, seed: int, probe: int, index: int):
             return out.mul_(grad_out.to(g.dtype))
 
     return ProbeDot.apply(g)
+
+
+def _storage_ptr(t) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without storage
+        return None
+
+
+def _recording(saved: set[int]):
+    """A pack hook for the first backward (create_graph=True): note the storage of every
+    tensor a node of the gradient's graph saves, and save it detached (the HVP backward
+    runs without create_graph, so a saved tensor's own graph is never used; detaching
+    avoids the reference cycle of a node saving its own output through a hook)."""
+
+    def pack(t):
+        ptr = _storage_ptr(t)
+        if ptr is not None:
+            saved.add(ptr)
+        return t.detach()
+
+    return pack
+
+
+def _unpack(t):
+    return t
+
+
+def _release_gradients(grads, saved: set[int]) -> None:
+    """Free the storage of every gradient no node of the double-backward graph saved.
+
+    The HVPs need only the graph that produced g, not g's values (`probe_dot` never reads
+    them), so holding every gradient through all P probes (2 bytes per weight in bf16, 4
+    in float32) is memory for nothing. A gradient whose storage some node saved (e.g. an
+    op that saves its output) is kept: freeing it would change what that node reads."""
+    for g in grads:
+        ptr = _storage_ptr(g)
+        if ptr is None or ptr in saved or ptr == 0:
+            continue
+        try:
+            g.untyped_storage().resize_(0)
+        except RuntimeError:  # a storage that cannot be resized (not allocated by torch)
+            pass
 
 
 class HutchinsonDiag(Metric):
@@ -108,10 +153,13 @@ class HutchinsonDiag(Metric):
         probes = int(self.options.hutchinson_samples)
         params = list(self.params.values())
         objective = window_losses(self.model, ids).sum() / n_total
-        grads = self._grads(objective, create_graph=True)
+        saved: set[int] = set()
+        with torch.autograd.graph.saved_tensors_hooks(_recording(saved), _unpack):
+            grads = self._grads(objective, create_graph=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not live:  # the loss is linear in every scored parameter: H = 0
             return
+        _release_gradients([grads[i] for i in live], saved)
         accs = list(self.acc.values())
         for p in range(probes):
             check_stop()  # each HVP is one uninterruptible C++ call: stop between them

@@ -437,6 +437,43 @@ def test_progress_flags_and_grads_restored():
 # ---------------------------------------------------------------- OBD, selection, dtype
 
 
+@pytest.mark.parametrize("arch,tied", [("gpt2", True), ("llama", False)])
+def test_hutchinson_frees_first_backward_gradients_and_equals_plain_hvp(arch, tied, monkeypatch):
+    """The first backward's gradients are freed before the HVPs (issue 13: not kept through
+    the P probes), and the scores still equal a plain double backward with the same
+    probes, z ⊙ autograd.grad(g, θ, grad_outputs=z), averaged over windows and probes."""
+    from cwa.metrics import hutchinson_diag as hd
+    from cwa.losses import window_losses
+
+    model = model_for(arch, tied, torch.float64)
+    params = select_params(model)
+    ids = make_ids(n=3, t=8)
+    kept = []
+    real = hd.HutchinsonDiag._grads
+
+    def spy(self, *a, **kw):
+        out = real(self, *a, **kw)
+        kept.extend(g for g in out if g is not None and g.requires_grad)
+        return out
+
+    monkeypatch.setattr(hd.HutchinsonDiag, "_grads", spy)
+    probes = 3
+    est, _ = compute_scores(model, params, ids, None, "hutchinson_diag",
+                            MetricOptions(seed=7, hutchinson_samples=probes), batch_size=2)
+    assert kept and all(g.untyped_storage().size() == 0 for g in kept)
+
+    plist = list(params.values())
+    ref = {n: torch.zeros_like(p) for n, p in params.items()}
+    for b in (ids[:2], ids[2:]):
+        grads = torch.autograd.grad(window_losses(model, b).sum() / len(ids), plist, create_graph=True)
+        for k in range(probes):
+            zs = [hd.rademacher(7, k, i, p).to(p.dtype) for i, p in enumerate(plist)]
+            hv = torch.autograd.grad(grads, plist, grad_outputs=zs, retain_graph=True)
+            for (n, _), z, h in zip(params.items(), zs, hv, strict=True):
+                ref[n] += z * h / probes
+    assert_close_tensors(est, ref)
+
+
 def test_obd_is_half_c_w_squared():
     model = model_for("llama", True)
     params = select_params(model)
