@@ -35,17 +35,23 @@ fewer entries) has no cut and contributes 0.
 
 Statistics
 ----------
-``sensitivity_stats`` streams the same chunks twice: once for moments and extremes (per
-chunk Σ(x − c) in float64, Σ(x − c)² and Σ|x| as float32 cascade sums, within a few ulps;
-float64 accumulators across chunks, Chan's parallel variance), once for a histogram of
-``|s|`` on log-spaced bins shared by all tensors (their range is known only after the
-first pass). The bin of an entry is computed, not searched: ⌊S·log2|s| + C⌋ in float32,
-with every entry within a proven rounding bound of an edge (2.5·10⁻⁴ of N(0, 1) scores) binned
-again by ``torch.bucketize`` against the stored float32 edges, so the counts are exactly
-those of the edges reported (see ``_LogBinner``). Quantiles of ``|s|`` are read from that
-histogram and are therefore approximate: each lies in the same bin as the exact
+``sensitivity_stats`` reads each chunk once for the moments and extremes (per chunk
+Σ(x − c) in float64, Σ(x − c)² and Σ|x| as float32 cascade sums, within a few ulps;
+float64 accumulators across chunks, Chan's parallel variance) and for a fine histogram of
+``|s|`` on the float32 bit grid (cell = bits >> 16: the exponent and 7 mantissa bits, a
+relative width of at most 2⁻⁷; integer arithmetic, so an entry's cell is exact). The
+reported histogram has log-spaced bins shared by all tensors, from the smallest positive
+to the largest finite |s| (known only at the end); its inner edges are the cell
+boundaries nearest to the exactly log-spaced ones (within 2⁻⁸ relative), so each bin is
+a whole number of cells and the counts are exactly those of the edges reported, without
+a second read. Only a range too narrow for that (fewer distinct cells than bins, e.g.
+near-constant scores) is binned in a second pass against exactly log-spaced float32 edges
+(⌊S·log2|s| + C⌋ in float32, entries within a proven rounding bound of an edge binned
+again by ``torch.bucketize``; see ``_LogBinner``). Quantiles of ``|s|`` are read from the
+reported histogram and are therefore approximate: each lies in the same bin as the exact
 inverted-CDF quantile, i.e. within one bin width (a factor ``(max/min_pos)**(1/n_bins)``)
-of it. ``cwa rank`` is thus three reads of the scores: the top-K, then these two passes.
+of it. ``rank_with_stats`` feeds the same chunks to the top-K and to the statistics, so
+``cwa rank`` reads the scores once.
 """
 
 from __future__ import annotations
@@ -373,16 +379,23 @@ def _top_key(chunk: torch.Tensor, rank_by: str, lowest: bool) -> float:
 
 def _stream_tensor(
     stream: _TopKStream, scores, name: str, offset: int, chunk_elems: int, rank_by: str,
-    lowest: bool,
+    lowest: bool, stats: _StatsStream | None = None, p: int = 0,
 ) -> None:
-    """Feed every chunk of one score tensor (positions from ``offset``), raising on NaN.
+    """Feed every chunk of one score tensor (positions from ``offset``), raising on NaN;
+    with ``stats`` (top-K only), the same chunks also feed the statistics of tensor ``p``,
+    so that ranking and statistics are one read of the scores.
 
     The common case, once the stream has a threshold, is a chunk whose largest key is
     below it: then nothing in it can enter or tie, and the chunk costs one reduction."""
     for start, chunk in _blocks(scores, name, chunk_elems):
         if chunk.numel() == 0:
             continue
-        top = _top_key(chunk, rank_by, lowest)
+        a = None
+        if stats is None:
+            top = _top_key(chunk, rank_by, lowest)
+        else:
+            lo, hi, a = stats.add(p, chunk)
+            top = max(-lo, hi) if rank_by == "abs" else hi
         if math.isnan(top):
             n_nan = int(torch.isnan(chunk).sum())
             raise CwaError(
@@ -391,10 +404,11 @@ def _stream_tensor(
             )
         if stream.thr is not None and top < stream.thr:
             continue
-        stream.feed(offset + start, stream.key_of(chunk, rank_by, lowest), chunk)
+        key = a if a is not None and rank_by == "abs" else stream.key_of(chunk, rank_by, lowest)
+        stream.feed(offset + start, key, chunk)
 
 
-def _rank(scores, k, mode, rank_by, chunk_elems, lowest, kind, seed) -> Selection:
+def _rank(scores, k, mode, rank_by, chunk_elems, lowest, kind, seed, stats=None) -> Selection:
     _check_args(k, mode, rank_by)
     k = int(k)
     names = list(scores.names)
@@ -402,11 +416,11 @@ def _rank(scores, k, mode, rank_by, chunk_elems, lowest, kind, seed) -> Selectio
     n_total = _check_population(k, mode, sizes)
     info: dict = {"n_population": n_total}
     if mode == "global":
-        draw, ties, kth = _rank_global(scores, names, sizes, k, rank_by, chunk_elems, lowest)
+        draw, ties, kth = _rank_global(scores, names, sizes, k, rank_by, chunk_elems, lowest, stats)
         info["kth_key"] = kth
     else:
         draw, ties, kth_keys = _rank_per_layer(
-            scores, names, sizes, k, rank_by, chunk_elems, lowest
+            scores, names, sizes, k, rank_by, chunk_elems, lowest, stats
         )
         info["kth_key_per_tensor"] = kth_keys
     info["per_tensor_counts"] = [draw.counts(len(names)).tolist()]
@@ -445,13 +459,14 @@ def _rank_global(
     rank_by: str,
     chunk_elems: int,
     lowest: bool,
+    stats: _StatsStream | None = None,
 ) -> tuple[Draw, int, float]:
     """One stream over every tensor (positions offset by tensor): the draw, the ties at
     K and the K-th key."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     stream = _TopKStream(k)
     for p, name in enumerate(names):
-        _stream_tensor(stream, scores, name, int(offsets[p]), chunk_elems, rank_by, lowest)
+        _stream_tensor(stream, scores, name, int(offsets[p]), chunk_elems, rank_by, lowest, stats, p)
     pos, raw, ties, kth = stream.finish()
     param_index = np.searchsorted(offsets, pos, side="right") - 1
     flat_index = pos - offsets[param_index]
@@ -466,6 +481,7 @@ def _rank_per_layer(
     rank_by: str,
     chunk_elems: int,
     lowest: bool,
+    stats: _StatsStream | None = None,
 ) -> tuple[Draw, int, list[float | None]]:
     """One stream per tensor (min(K, size) entries each): the draw, the ties at K summed
     over the tensors larger than K, and each tensor's K-th key (None when empty)."""
@@ -478,7 +494,7 @@ def _rank_per_layer(
             kth_keys.append(None)
             continue
         stream = _TopKStream(min(k, n))
-        _stream_tensor(stream, scores, name, 0, chunk_elems, rank_by, lowest)
+        _stream_tensor(stream, scores, name, 0, chunk_elems, rank_by, lowest, stats, p)
         pos, raw, t_ties, kth = stream.finish()
         if n > k:
             ties += t_ties
@@ -522,6 +538,25 @@ def bottomk(
     return _rank(scores, k, mode, rank_by, chunk_elems, True, "bottom_k", seed)
 
 
+def rank_with_stats(
+    scores,
+    k: int,
+    mode: str = "global",
+    rank_by: str = "abs",
+    n_bins: int = 64,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    seed: int = 0,
+) -> tuple[Selection, dict, dict]:
+    """``topk(...)`` and ``sensitivity_stats(scores, that selection)`` from one read of
+    the scores (what `cwa rank` writes): ``(selection, stats, hist)``, equal to the two
+    calls made separately."""
+    _check_bins(n_bins)
+    stats = _StatsStream(len(scores.names))
+    sel = _rank(scores, k, mode, rank_by, chunk_elems, False, "topk", seed, stats)
+    st, hist = stats.finish(scores, sel, n_bins, chunk_elems)
+    return sel, st, hist
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -553,11 +588,12 @@ class _Moments:
             c = float(x.sum(dtype=torch.float64))
         c = torch.tensor(c / nb, dtype=x.dtype)
         d = torch.sub(x, c, out=scratch.get("d", nb))
-        # Σd carries the mean's low digits: float64 (numpy's pairwise sum, 2x torch's);
-        # Σd² and Σ|x| are sums of non-negative terms, float32 cascade sums are within a
-        # few ulps of them (float64 where a float32 sum would overflow)
-        s1 = float(np.sum(d.numpy(), dtype=np.float64))
-        s2 = float(d.square_().sum())
+        # float32 cascade sums: Σd² and Σ|x| (non-negative terms) are within a few ulps;
+        # Σd is a sum of terms of both signs near 0, whose rounding errors average out:
+        # about ε·σ·sqrt(log n / n) on the mean (1e-9 σ per 2^18-entry block), far below
+        # the resolution of float32 scores (float64 where a float32 sum would overflow)
+        s1 = float(d.sum())
+        s2 = float(torch.dot(d, d))
         if not math.isfinite(s2):  # |x − c| beyond float32's square root of its range
             dd = x.double() - float(c)
             s1, s2 = float(dd.sum()), float(dd.square_().sum())
@@ -651,16 +687,142 @@ def sensitivity_stats(
 
     ``hist`` holds numpy arrays for plots: ``edges`` (float64 [n_bins+1], log-spaced from
     the smallest positive finite |s| to the largest finite |s|, float32-representable,
-    shared by all tensors; None when no entry is positive), ``counts`` (int64
-    [n_params, n_bins]) of finite positive |s| per bin (the last bin includes its upper
-    edge), ``zeros`` and ``nonfinite`` (int64 [n_params]) and ``params``.
+    shared by all tensors; None when no entry is positive; see the module docstring for
+    where the inner edges lie), ``counts`` (int64 [n_params, n_bins]) of finite positive
+    |s| per bin (the last bin includes its upper edge), ``zeros`` and ``nonfinite`` (int64
+    [n_params]) and ``params``.
     """
+    _check_bins(n_bins)
+    names = list(scores.names)
+    stream = _StatsStream(len(names))
+    for p, name in enumerate(names):
+        for _, chunk in _blocks(scores, name, chunk_elems):
+            if chunk.numel():
+                stream.add(p, chunk)
+    return stream.finish(scores, selection, n_bins, chunk_elems)
+
+
+def _check_bins(n_bins: int) -> None:
     if n_bins <= 0:
         raise UsageError(f"n_bins must be positive, got {n_bins}.")
-    names = list(scores.names)
-    moments, n_zero, n_nonfinite, abs_lo, abs_hi = _moments_pass(scores, names, chunk_elems)
-    edges = log_edges_f32(abs_lo, abs_hi, n_bins) if abs_hi > 0 else None
-    counts = _histogram_pass(scores, names, chunk_elems, edges, n_bins)
+
+
+# |s| on the float32 bit grid: the bits of a non-negative float32 are monotone in its value,
+# so bits >> 16 (exponent and the top 7 mantissa bits) is a log-scale cell of relative width
+# at most 2^-7; cells from _FIRST_NONFINITE on hold inf and NaN
+_CELL_SHIFT = 16
+_N_CELLS = 1 << (31 - _CELL_SHIFT)
+_FIRST_NONFINITE = 0x7F800000 >> _CELL_SHIFT
+
+
+class _StatsStream:
+    """The statistics of every tensor from blocks fed once, in any block order.
+
+    Per block: the moments (`_Moments`), the zeros and non-finite entries, the exact
+    smallest positive and largest finite |s|, and a count of |s| per bit-grid cell
+    (`_N_CELLS` cells; 256 KB per tensor). The histogram's edges depend on the range of
+    all tensors, known only at the end; `finish` places the inner edges on cell
+    boundaries, so every bin is a whole number of cells and the counts are exact without
+    reading the scores again (ranges too narrow for 64 distinct cells between min and max
+    take a second pass against exactly log-spaced edges)."""
+
+    def __init__(self, n_params: int) -> None:
+        self.moments = [_Moments() for _ in range(n_params)]
+        self.n_zero = np.zeros(n_params, dtype=np.int64)
+        self.n_nonfinite = np.zeros(n_params, dtype=np.int64)
+        self.cells = np.zeros((n_params, _N_CELLS), dtype=np.int64)
+        self.abs_lo, self.abs_hi = math.inf, 0.0
+        self.scratch = _Scratch()
+
+    def add(self, p: int, chunk: torch.Tensor) -> tuple[float, float, torch.Tensor | None]:
+        """Count a non-empty float32 block of tensor p. Returns the block's (min, max)
+        (NaN when it holds a NaN) and, when every entry is finite, |block| in a scratch
+        buffer (valid until the next call), which the top-K uses as its key."""
+        lo, hi = (float(v) for v in torch.aminmax(chunk))
+        finite = math.isfinite(lo) and math.isfinite(hi)
+        x = chunk
+        if not finite:
+            x = chunk[torch.isfinite(chunk)]
+            self.n_nonfinite[p] += chunk.numel() - x.numel()
+        if x.numel():
+            xlo, xhi = (lo, hi) if finite else (float(v) for v in torch.aminmax(x))
+            a = torch.abs(x, out=self.scratch.get("a", x.numel()))
+            cell = torch.bitwise_right_shift(a.view(torch.int32), _CELL_SHIFT,
+                                             out=self.scratch.get("cell", x.numel(), torch.int32))
+            counts = torch.bincount(cell, minlength=_N_CELLS).numpy()
+            self.cells[p] += counts
+            self._range(p, a, xlo, xhi, counts[0] > 0)
+            self.moments[p].add_chunk(x, a, xlo, xhi, self.scratch)
+            return lo, hi, a if finite else None
+        return lo, hi, None
+
+    def _range(self, p: int, a: torch.Tensor, lo: float, hi: float, in_cell0: bool) -> None:
+        """The zeros of the block and the range of its positive |s| (``in_cell0``: the
+        block has entries in cell 0, the only cell that holds zeros)."""
+        self.abs_hi = max(self.abs_hi, -lo, hi)
+        if lo > 0 or hi < 0:  # one sign: no zeros, the smallest |s| is an end
+            self.abs_lo = min(self.abs_lo, lo if lo > 0 else -hi)
+            return
+        if not in_cell0:  # no zeros: the smallest |s| is positive
+            self.abs_lo = min(self.abs_lo, float(a.min()))
+            return
+        an = a.numpy()
+        is_zero = an == 0
+        self.n_zero[p] += int(np.count_nonzero(is_zero))
+        self.abs_lo = min(self.abs_lo, float(np.min(an, where=~is_zero, initial=np.inf)))
+
+    def finish(self, scores, selection: Selection | None, n_bins: int, chunk_elems: int):
+        """(stats, hist) as `sensitivity_stats` returns them."""
+        names = list(scores.names)
+        abs_lo, abs_hi = self.abs_lo, self.abs_hi
+        edges = counts = None
+        if abs_hi > 0:
+            edges = _cell_edges(abs_lo, abs_hi, n_bins)
+            if edges is not None:
+                counts = self._counts_from_cells(edges, n_bins)
+            else:  # a narrow range: exactly log-spaced edges and a second read
+                edges = log_edges_f32(abs_lo, abs_hi, n_bins)
+                counts = _histogram_pass(scores, names, chunk_elems, edges, n_bins)
+        if counts is None:
+            counts = np.zeros((len(names), n_bins), dtype=np.int64)
+        return _summaries(scores, names, selection, n_bins, edges, counts, self)
+
+    def _counts_from_cells(self, edges: np.ndarray, n_bins: int) -> np.ndarray:
+        """Counts per bin of positive finite |s|: whole cells between the inner edges
+        (the zeros taken out of cell 0, the first and last bins closed by the range)."""
+        bounds = _bits(edges[1:-1]) >> _CELL_SHIFT
+        cum = np.concatenate([np.zeros((len(self.cells), 1), np.int64),
+                              np.cumsum(self.cells[:, :_FIRST_NONFINITE], axis=1)], axis=1)
+        at = np.concatenate([[0], bounds, [_FIRST_NONFINITE]])
+        counts = cum[:, at[1:]] - cum[:, at[:-1]]
+        counts[:, 0] -= self.n_zero
+        return counts
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
+
+
+def _cell_edges(lo: float, hi: float, n_bins: int) -> np.ndarray | None:
+    """``n_bins + 1`` edges from lo to hi (the exact smallest and largest |s|) whose inner
+    edges are the cell boundaries nearest to the log-spaced ones (within 2^-8 relative),
+    strictly increasing with lo < e_1 and e_{n-1} < hi; None when the range is too narrow
+    for that (then `log_edges_f32` and a second pass)."""
+    if not hi > lo:
+        return None
+    inner = np.geomspace(lo, hi, n_bins + 1)[1:-1].astype(np.float32)
+    step = 1 << _CELL_SHIFT
+    cells = (_bits(inner) + step // 2) >> _CELL_SHIFT
+    grid = (cells << _CELL_SHIFT).astype(np.int32).view(np.float32).astype(np.float64)
+    e = np.concatenate([[float(np.float32(lo))], grid, [float(np.float32(hi))]])
+    if n_bins > 1 and not (np.all(np.diff(e) > 0) and _bits(e[:1])[0] < cells[0] << _CELL_SHIFT):
+        return None
+    return e
+
+
+def _summaries(scores, names, selection, n_bins, edges, counts, stream: _StatsStream):
+    """The stats document and the histogram arrays from the per-tensor accumulators."""
+    abs_lo, abs_hi = stream.abs_lo, stream.abs_hi
     sel_counts = _selection_counts(selection, names)
 
     def block(mom: _Moments, count: int, nz: int, nnf: int, hist: np.ndarray) -> dict:
@@ -670,9 +832,10 @@ def sensitivity_stats(
     per: dict[str, dict] = {}
     total = _Moments()
     sizes = population_sizes(scores)
+    n_zero, n_nonfinite = stream.n_zero, stream.n_nonfinite
     for p, name in enumerate(names):
-        total.merge(moments[p])
-        per[name] = block(moments[p], sizes[p], n_zero[p], n_nonfinite[p], counts[p])
+        total.merge(stream.moments[p])
+        per[name] = block(stream.moments[p], sizes[p], n_zero[p], n_nonfinite[p], counts[p])
         per[name]["shape"] = list(scores.shape(name))
         if sel_counts is not None:
             per[name].update(_topk_share(sel_counts, p))
@@ -712,36 +875,6 @@ def _finite_chunks(
         if x.numel():
             lo, hi = (float(v) for v in torch.aminmax(x))
         yield x, n_bad, lo, hi
-
-
-def _moments_pass(
-    scores, names: list[str], chunk_elems: int
-) -> tuple[list[_Moments], np.ndarray, np.ndarray, float, float]:
-    """Pass 1: each tensor's moments, zeros and non-finite entries, and the range of the
-    positive finite |s| over all tensors."""
-    moments = []
-    n_zero = np.zeros(len(names), dtype=np.int64)
-    n_nonfinite = np.zeros(len(names), dtype=np.int64)
-    abs_lo, abs_hi = math.inf, 0.0
-    scratch = _Scratch()
-    for p, name in enumerate(names):
-        mom = _Moments()
-        for x, n_bad, lo, hi in _finite_chunks(scores, name, chunk_elems):
-            n_nonfinite[p] += n_bad
-            if x.numel() == 0:
-                continue
-            a = torch.abs(x, out=scratch.get("a", x.numel()))
-            a_lo, a_hi = (float(v) for v in torch.aminmax(a))
-            abs_hi = max(abs_hi, a_hi)
-            if a_lo == 0:
-                an = a.numpy()
-                is_zero = an == 0
-                n_zero[p] += int(np.count_nonzero(is_zero))
-                a_lo = float(np.min(an, where=~is_zero, initial=np.inf))
-            abs_lo = min(abs_lo, a_lo)
-            mom.add_chunk(x, a, lo, hi, scratch)
-        moments.append(mom)
-    return moments, n_zero, n_nonfinite, abs_lo, abs_hi
 
 
 class _LogBinner:

@@ -292,8 +292,11 @@ def test_sensitivity_stats_against_numpy():
     pos = np.abs(all_x[np.isfinite(all_x) & (all_x != 0)])
     assert hist["edges"][0] == pos.min() and hist["edges"][-1] == pos.max()
     ref_edges = np.geomspace(pos.min(), pos.max(), 65)
-    np.testing.assert_allclose(hist["edges"], ref_edges, rtol=1e-6)  # log-spaced
+    # log-spaced: the inner edges are the nearest cells of the float32 bit grid (bits >> 16)
+    np.testing.assert_allclose(hist["edges"], ref_edges, rtol=2**-8)
     assert np.all(hist["edges"] == hist["edges"].astype(np.float32))
+    inner_bits = hist["edges"][1:-1].astype(np.float32).view(np.int32)
+    assert np.all(inner_bits % 2**16 == 0) and np.all(np.diff(hist["edges"]) > 0)
     assert hist["counts"].shape == (3, 64)
     for p, t in enumerate(tensors.values()):
         x = np.abs(t.reshape(-1).double().numpy())
@@ -372,13 +375,16 @@ def test_nan_in_a_chunk_below_the_threshold_still_raises():
 # ----------------------------------------------------------------------------- arithmetic binning
 
 
-def _on_edges(x: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+def _on_edges(x: np.ndarray, n_bins: int, edges: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """x with every edge of its log histogram appended, and the float32 neighbours of each
-    edge inside the range (the edges do not move: min and max are unchanged)."""
+    edge inside the range (the edges do not move: min and max are unchanged). ``edges``:
+    the histogram's (default: the exactly log-spaced ones)."""
     from cwa.ranking import log_edges_f32
 
     a = np.abs(x[np.isfinite(x) & (x != 0)])
-    e32 = log_edges_f32(float(a.min()), float(a.max()), n_bins).astype(np.float32)
+    if edges is None:
+        edges = log_edges_f32(float(a.min()), float(a.max()), n_bins)
+    e32 = edges.astype(np.float32)
     near = np.concatenate([e32, np.nextafter(e32, np.float32(0)), np.nextafter(e32, np.float32(np.inf))])
     near = near[(near >= e32[0]) & (near <= e32[-1])]
     signs = np.where(np.arange(len(near)) % 2 == 0, 1, -1).astype(np.float32)
@@ -390,7 +396,9 @@ def _on_edges(x: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
 def test_histogram_counts_equal_np_histogram_with_entries_on_edges(n_bins, spread):
     rng = np.random.default_rng(12)
     base = rng.lognormal(0, spread, size=3000).astype(np.float32) * np.where(rng.random(3000) < 0.5, -1, 1)
-    x, e32 = _on_edges(base.astype(np.float32), n_bins)
+    # the edges the histogram takes (cell-aligned, or exactly log-spaced for the narrow range)
+    _, first = sensitivity_stats(DictScores({"a": torch.from_numpy(base)}), n_bins=n_bins)
+    x, e32 = _on_edges(base.astype(np.float32), n_bins, first["edges"])
     x = np.concatenate([x, np.zeros(7, np.float32), np.float32([np.inf, -np.inf])])
     rng.shuffle(x)
     tensors = {"a": torch.from_numpy(x[: len(x) // 3].copy()), "b": torch.from_numpy(x[len(x) // 3 :].copy())}
@@ -432,3 +440,46 @@ def test_log_binner_narrow_range_falls_back_to_bucketize():
     assert binner.exact
     ref = np.bincount(bin_abs(torch.from_numpy(x), torch.from_numpy(e.astype(np.float32))).numpy(), minlength=66)
     np.testing.assert_array_equal(binner.counts(torch.from_numpy(x.copy())), ref)
+
+
+# ----------------------------------------------------------------------------- one pass
+
+
+@pytest.mark.parametrize("mode", ["global", "per_layer"])
+@pytest.mark.parametrize("spread", [1e-3, 2.0])
+def test_rank_with_stats_is_topk_and_stats_in_one_read(mode, spread):
+    """`cwa rank`'s single pass equals the top-K and the statistics computed apart, and
+    reads every tensor once (twice only for a range too narrow for cell-aligned edges)."""
+    from cwa.ranking import rank_with_stats
+
+    rng = np.random.default_rng(21)
+    tensors = {
+        "a": torch.from_numpy((rng.lognormal(0, spread, (300, 70)) * np.where(rng.random((300, 70)) < 0.5, -1, 1)).astype(np.float32)),
+        "b": torch.from_numpy(rng.lognormal(0, spread, 5000).astype(np.float32)),
+    }
+    tensors["a"][3, :4] = 0.0
+    tensors["b"][:2] = float("inf")
+    reads = []
+
+    class Counting(DictScores):
+        def chunks(self, name, chunk_elems):
+            reads.append(name)
+            from cwa.ranking import iter_chunks
+            yield from iter_chunks(self.get(name), chunk_elems)
+
+    sc = Counting(tensors, metric="m")
+    sel, st, hist = rank_with_stats(sc, 50, mode=mode, chunk_elems=1000)
+    assert reads == (["a", "b"] if spread > 1 else ["a", "b", "a", "b"])
+    ref_sel = topk(DictScores(tensors, metric="m"), 50, mode=mode, chunk_elems=1000)
+    ref_st, ref_hist = sensitivity_stats(DictScores(tensors, metric="m"), ref_sel, chunk_elems=1000)
+    for f in ("param_index", "flat_index", "score"):
+        np.testing.assert_array_equal(getattr(sel.draws[0], f), getattr(ref_sel.draws[0], f))
+    assert sel.ties_at_k == ref_sel.ties_at_k
+    assert st == ref_st
+    for key in ("edges", "counts", "zeros", "nonfinite"):
+        np.testing.assert_array_equal(hist[key], ref_hist[key])
+    # counts are np.histogram's with the stored edges
+    for p, t in enumerate(tensors.values()):
+        a = np.abs(t.numpy().astype(np.float64))
+        ref, _ = np.histogram(a[np.isfinite(a) & (a > 0)], bins=hist["edges"])
+        np.testing.assert_array_equal(hist["counts"][p], ref)
