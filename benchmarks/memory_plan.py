@@ -120,7 +120,10 @@ def plan(arch: Arch, *, dtype_bytes=2, batch=8, seq_len=256, checkpoint=False, f
     # create_graph=True keeps the backward's intermediates too, and the Hessian-vector
     # products run a backward of that backward: about 3x one pass's activations and logits
     # (2x by counting saved tensors; 3x matches the measured CPU validation below)
-    rows["hutchinson_diag"] = {"W": W, "A": A, "G": G, "T": T32, "Z": p * 4, "HV": p * d,
+    # No probe is stored and the first backward's gradients (p·d) are freed before the
+    # HVPs, where autograd feeds the probe back through the graph (p·d, "Z"); one HVP
+    # tensor at a time ("HV"), float32 transients of one probe piece (2^22 entries)
+    rows["hutchinson_diag"] = {"W": W, "A": A, "T": (1 << 22) * 4, "Z": p * d, "HV": max(sizes) * d,
                                "act": 3 * act(tok_b, False) + (act(tok_b, True) if checkpoint else 0),
                                "lg": 3 * logits(tok_b)}
     out = {}
