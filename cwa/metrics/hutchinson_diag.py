@@ -42,6 +42,8 @@ Hessian diagonal: LeCun et al. 1990.
 
 from __future__ import annotations
 
+import contextlib
+
 from cwa import rng
 from cwa.errors import CwaError
 from cwa.losses import window_losses
@@ -132,10 +134,8 @@ def _release_gradients(grads, saved: set[int]) -> None:
         ptr = _storage_ptr(g)
         if ptr is None or ptr in saved or ptr == 0:
             continue
-        try:
+        with contextlib.suppress(RuntimeError):  # a storage torch cannot resize: kept
             g.untyped_storage().resize_(0)
-        except RuntimeError:  # a storage that cannot be resized (not allocated by torch)
-            pass
 
 
 class HutchinsonDiag(Metric):

@@ -442,8 +442,8 @@ def test_hutchinson_frees_first_backward_gradients_and_equals_plain_hvp(arch, ti
     """The first backward's gradients are freed before the HVPs (issue 13: not kept through
     the P probes), and the scores still equal a plain double backward with the same
     probes, z ⊙ autograd.grad(g, θ, grad_outputs=z), averaged over windows and probes."""
-    from cwa.metrics import hutchinson_diag as hd
     from cwa.losses import window_losses
+    from cwa.metrics import hutchinson_diag as hd
 
     model = model_for(arch, tied, torch.float64)
     params = select_params(model)
