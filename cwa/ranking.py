@@ -588,12 +588,14 @@ class _Moments:
             c = float(x.sum(dtype=torch.float64))
         c = torch.tensor(c / nb, dtype=x.dtype)
         d = torch.sub(x, c, out=scratch.get("d", nb))
-        # float32 cascade sums: Σd² and Σ|x| (non-negative terms) are within a few ulps;
-        # Σd is a sum of terms of both signs near 0, whose rounding errors average out:
-        # about ε·σ·sqrt(log n / n) on the mean (1e-9 σ per 2^18-entry block), far below
-        # the resolution of float32 scores (float64 where a float32 sum would overflow)
+        # float32 cascade sums (torch's `sum`; not `dot`, whose BLAS float32 accumulators
+        # lose 1e-5 relative on 2^18 terms): Σd² and Σ|x| (non-negative terms) are within
+        # a few ulps; Σd is a sum of terms of both signs near 0, whose rounding errors
+        # average out: about ε·σ·sqrt(log n / n) on the mean (1e-9 σ per 2^18-entry
+        # block), far below the resolution of float32 scores (float64 where a float32 sum
+        # would overflow)
         s1 = float(d.sum())
-        s2 = float(torch.dot(d, d))
+        s2 = float(d.square_().sum())
         if not math.isfinite(s2):  # |x − c| beyond float32's square root of its range
             dd = x.double() - float(c)
             s1, s2 = float(dd.sum()), float(dd.square_().sum())
