@@ -11,13 +11,17 @@ wait4) that opens the file, so its first pass also checks the tensors' SHA-256, 
 
   read      the baseline: every tensor through `ScoresFile.chunks`, doing nothing
   read-nv   the same without the SHA-256 check (for reference)
-  new       `cwa.ranking` as it is: top-K, then `sensitivity_stats`
-  old       the same from `--before` (a saved copy of an earlier `cwa/ranking.py`)
+  topk      `cwa.ranking.topk` as it is (top-K alone)
+  new       `cwa.ranking.rank_with_stats` as it is: what `cwa rank` computes, one pass
+  old       top-K, then `sensitivity_stats`, from `--before` (a saved copy of an earlier
+            `cwa/ranking.py`)
 
 Each ranking run also writes its selection and statistics, and the parent checks that
-old and new agree (same positions, scores, ties_at_k, histogram counts, quantiles; the
-std and abs_mean to 1e-6 relative, the mean to 1e-6 of the std) and that the planted
-top-K is found.
+old and new agree (same positions, scores, ties_at_k, min/max/counts/zeros; the std and
+abs_mean to 1e-6 relative, the mean to 1e-6 of the std), that the planted top-K is
+found, and that the new histogram counts equal the old code's exact binning
+(`_histogram_pass`, bucketize-checked) against the new edges (the inner edges moved to
+the bit grid by design, so the old edges, counts and quantiles are not compared).
 """
 
 from __future__ import annotations
@@ -54,10 +58,18 @@ if cfg == "old":
 else:
     import cwa.ranking as R
 t0 = time.perf_counter()
-sel = R.topk(sc, k)
-t1 = time.perf_counter()
-st, hist = R.sensitivity_stats(sc, sel)
-t2 = time.perf_counter()
+if cfg == "topk":
+    sel = R.topk(sc, k)
+    print(json.dumps({"topk_s": time.perf_counter() - t0}))
+    sys.exit(0)
+if cfg == "new":
+    sel, st, hist = R.rank_with_stats(sc, k)
+    t1 = t2 = time.perf_counter()
+else:
+    sel = R.topk(sc, k)
+    t1 = time.perf_counter()
+    st, hist = R.sensitivity_stats(sc, sel)
+    t2 = time.perf_counter()
 d = sel.draws[0]
 np.savez(out + ".npz", param_index=d.param_index, flat_index=d.flat_index, score=d.score,
          ties=sel.ties_at_k, counts=hist["counts"], zeros=hist["zeros"], edges=hist["edges"])
@@ -74,12 +86,12 @@ def _agree(a: Path, b: Path) -> list[str]:
     import numpy as np
 
     za, zb = np.load(str(a) + ".npz"), np.load(str(b) + ".npz")
-    bad = [k for k in za.files if not np.array_equal(za[k], zb[k])]
+    bad = [k for k in za.files if k not in ("counts", "edges") and not np.array_equal(za[k], zb[k])]
     sa, sb = json.loads(Path(str(a) + ".json").read_text()), json.loads(Path(str(b) + ".json").read_text())
     for blk in ["overall", *sa["per_tensor"]]:
         x = sa["overall"] if blk == "overall" else sa["per_tensor"][blk]
         y = sb["overall"] if blk == "overall" else sb["per_tensor"][blk]
-        for f in ("count", "min", "max", "n_zero", "n_nonfinite", "abs_quantiles"):
+        for f in ("count", "min", "max", "n_zero", "n_nonfinite"):
             if x[f] != y[f]:
                 bad.append(f"{blk}.{f}")
         for f in ("mean", "std", "abs_mean"):  # the mean to 1e-6 of the spread
@@ -87,6 +99,23 @@ def _agree(a: Path, b: Path) -> list[str]:
             if not math.isclose(x[f], y[f], rel_tol=1e-6, abs_tol=tol):
                 bad.append(f"{blk}.{f}: {x[f]} vs {y[f]}")
     return bad
+
+
+def _counts_check(path: Path, before: Path, z) -> str:
+    """The new histogram counts against the old module's exact binning with the new edges."""
+    import importlib.util
+
+    import numpy as np
+
+    from cwa.artifacts import open_scores
+
+    spec = importlib.util.spec_from_file_location("cwa_ranking_before", before)
+    R = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(R)
+    sc = open_scores(path)
+    edges = z["edges"]
+    ref = R._histogram_pass(sc, list(sc.names), R.DEFAULT_CHUNK_ELEMS, edges, len(edges) - 1)
+    return "equal" if np.array_equal(ref, z["counts"]) else "DIFFER"
 
 
 def main(argv=None) -> int:
@@ -101,7 +130,7 @@ def main(argv=None) -> int:
     ks = [int(x) for x in a.k.split(",")]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     tensors, total = bench.llama_subset(a.billions, with_embedding=a.billions >= 1.0)
-    configs = ["read", "read-nv", "new"] + (["old"] if a.before else [])
+    configs = ["read", "read-nv", "topk", "new"] + (["old"] if a.before else [])
     with tempfile.TemporaryDirectory(prefix="cwa-rank-read-") as d:
         path = a.file or Path(d) / "scores.safetensors"
         truth_file = Path(str(path) + ".truth.npz")
@@ -132,20 +161,23 @@ def main(argv=None) -> int:
                                         and np.array_equal(z["score"], sc) and int(z["ties"]) == 1)}
             if a.before:
                 exact[k]["old_vs_new"] = _agree(Path(d) / f"old-{k}", Path(d) / f"new-{k}") or "agree"
+                exact[k]["counts_vs_old_binning"] = _counts_check(path, a.before, z)
     size = 4 * total
     print(f"\n{total / 1e9:.2f}e9 float32 scores ({size / 1e9:.2f} GB), {a.repeats} repeats, medians; {time.ctime()}")
-    print("| K | code | one read s | top-K s (x read) | whole rank s (x read) | peak RSS GB | exact |")
+    print("| K | code | one read s (with SHA-256 / without) | top-K s (x read with / without) "
+          "| whole rank s (x read with / without) | peak RSS GB | exact |")
     print("|---|---|---|---|---|---|---|")
+    med = statistics.median
     for k in ks:
-        read = statistics.median(x["read_s"] for x in res[k]["read"])
-        nv = statistics.median(x["read_s"] for x in res[k]["read-nv"])
+        read = med(x["read_s"] for x in res[k]["read"])
+        nv = med(x["read_s"] for x in res[k]["read-nv"])
         for c in [c for c in ("old", "new") if c in configs]:
-            tk = statistics.median(x["topk_s"] for x in res[k][c])
-            rk = statistics.median(x["rank_s"] for x in res[k][c])
+            tk = med(x["topk_s"] for x in res[k][c if c == "old" else "topk"])
+            rk = med(x["rank_s"] for x in res[k][c])
             rss = max(x["rss"] for x in res[k][c]) / 1e9
             ex = exact[k] if c == "new" else exact[k].get("old_vs_new")
-            print(f"| {k} | {c} | {read:.2f} (no hash {nv:.2f}) | {tk:.2f} ({tk / read:.1f}x) "
-                  f"| {rk:.2f} ({rk / read:.1f}x) | {rss:.2f} | {ex} |")
+            print(f"| {k} | {c} | {read:.2f} / {nv:.2f} | {tk:.2f} ({tk / read:.1f}x / {tk / nv:.1f}x) "
+                  f"| {rk:.2f} ({rk / read:.1f}x / {rk / nv:.1f}x) | {rss:.2f} | {ex} |")
     if a.json:
         a.json.write_text(json.dumps({"billions": total / 1e9, "results": {str(k): v for k, v in res.items()},
                                       "exact": {str(k): v for k, v in exact.items()}}, indent=2, default=str))
