@@ -12,11 +12,11 @@ The library never imports typer; `cwa.cli` is the command-line front end. The Py
 __version__ = "0.1.0"
 
 _API = (
-    "DataOptions", "ModelOptions", "Results", "RunConfig", "Scores", "Selection", "Stability",
-    "control", "evaluate", "load_model", "open_scores", "perturb", "rank", "read_results",
-    "read_selection", "read_stability", "run", "score", "stability",
+    "Comparison", "DataOptions", "ModelOptions", "Results", "RunConfig", "Scores", "Selection", "Stability",
+    "compare", "control", "evaluate", "load_model", "open_scores", "perturb", "rank", "read_results",
+    "read_selection", "read_stability", "run", "score", "stability", "superweights",
 )  # no module of the package has one of these names (cwa.perturbation, cwa.evaluation,
-#    cwa.stability_analysis), so an import never replaces an API function
+#    cwa.stability_analysis, cwa.comparison), so an import never replaces an API function
 _MODULES = ("plots", "errors", "checks")
 
 __all__ = ["__version__", *_API, *_MODULES]

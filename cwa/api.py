@@ -25,6 +25,7 @@ from typing import Any
 from cwa import stages as _S
 from cwa.artifacts import Results, Scores, Stability, read_results, read_selection, read_stability
 from cwa.artifacts import open_scores as _open_scores
+from cwa.comparison import Comparison, compare
 from cwa.pipeline import RunConfig
 from cwa.ranking import Selection
 from cwa.stages import DataOptions, ModelOptions
@@ -32,9 +33,9 @@ from cwa.stages import DataOptions, ModelOptions
 PathLike = str | os.PathLike
 
 __all__ = [
-    "DataOptions", "ModelOptions", "Results", "RunConfig", "Scores", "Selection", "Stability",
-    "control", "evaluate", "load_model", "open_scores", "perturb", "rank", "read_results",
-    "read_selection", "read_stability", "run", "score", "stability",
+    "Comparison", "DataOptions", "ModelOptions", "Results", "RunConfig", "Scores", "Selection", "Stability",
+    "compare", "control", "evaluate", "load_model", "open_scores", "perturb", "rank", "read_results",
+    "read_selection", "read_stability", "run", "score", "stability", "superweights",
 ]
 
 
@@ -57,9 +58,9 @@ def load_model(
 
 
 def _data(data: PathLike | None, eval_data: PathLike | None, calib_samples: int, eval_samples: int,
-          seq_len: int | None, batch_size: int, data_seed: int | None) -> DataOptions:
+          seq_len: int | None, batch_size: int, data_seed: int | None, text_field: str | None = None) -> DataOptions:
     return DataOptions(None if data is None else str(data), None if eval_data is None else str(eval_data),
-                       data_seed, calib_samples, eval_samples, seq_len, batch_size)
+                       data_seed, calib_samples, eval_samples, seq_len, batch_size, text_field)
 
 
 def score(
@@ -79,10 +80,12 @@ def score(
     exclude: list[str] | None = None,
     score_dtype: str = "float32",
     grad_checkpointing: bool = False,
+    text_field: str | None = None,
 ) -> Scores:
     """Score every weight of `lm` with `metric` on `calib_samples` windows of `data`
-    (default: the embedded corpus). Returns `Scores`."""
-    d = _data(data, None, calib_samples, 32, seq_len, batch_size, data_seed)
+    (default: the embedded corpus; `text_field` the record field holding the text).
+    Returns `Scores`."""
+    d = _data(data, None, calib_samples, 32, seq_len, batch_size, data_seed, text_field)
     return _S.score_stage(
         lm, d, metric=metric, seed=seed, mc_samples=mc_samples, hutchinson_samples=hutchinson_samples,
         obd=obd, include=include, exclude=exclude, score_dtype=score_dtype,
@@ -127,26 +130,43 @@ def perturb(
     *,
     method: str = "sign_flip",
     scale: float | None = None,
-    prob: float = 1.0,
-    bit: str | int = "exponent_msb",
+    prob: float | None = None,
+    bit: str | int | None = None,
     seed: int = 0,
     eval_samples: int = 32,
     eval_data: PathLike | None = None,
     data: PathLike | None = None,
     seq_len: int | None = None,
     batch_size: int = 8,
+    eval_tasks: str | list[str] | None = None,
+    eval_tasks_path: PathLike | None = None,
+    eval_tasks_limit: int | None = None,
+    text_field: str | None = None,
+    save_model: PathLike | None = None,
+    condition: str | None = None,
 ) -> Results:
     """Perturb every draw of every selection, evaluate on `eval_samples` held-out windows,
-    restore bit for bit. Returns `Results` (`.summary`, `.to_pandas()`)."""
-    d = _data(data, eval_data, 32, eval_samples, seq_len, batch_size, None)
+    restore bit for bit. Returns `Results` (`.summary`, `.to_pandas()`). `eval_tasks`
+    (lm-eval task names; needs `cwa[tasks]`) also evaluates them on the baseline and every
+    condition, with local YAML tasks from `eval_tasks_path` (`Results.tasks`).
+    `save_model` (a new directory) also writes condition `condition` (e.g. "topk",
+    "random_k:3") as a Hugging Face checkpoint (`cwa perturb --save-model`)."""
+    from cwa.checks import check_perturb_flags
+    from cwa.tasks import task_eval
+
+    # an option the method does not use is an error, as on the command line (prob and
+    # bit: bit_flip only, default 1.0 / exponent_msb; scale: sign_flip and gauss_noise)
+    prob, bit = check_perturb_flags(method, scale=scale, prob=prob, bit=bit)
+    tasks = task_eval(eval_tasks, eval_tasks_path, eval_tasks_limit)
+    d = _data(data, eval_data, 32, eval_samples, seq_len, batch_size, None, text_field)
     return _S.perturb_stage(lm, d, list(selections), method=method, scale=scale, prob=prob, bit=str(bit),
-                            seed=seed).value
+                            seed=seed, tasks=tasks, save_model=save_model, condition=condition).value
 
 
 def evaluate(lm, *, eval_samples: int = 32, eval_data: PathLike | None = None, data: PathLike | None = None,
-             seq_len: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+             seq_len: int | None = None, batch_size: int = 8, text_field: str | None = None) -> dict[str, Any]:
     """NLL, perplexity, token accuracy and bits per byte of the model as it is."""
-    d = _data(data, eval_data, 32, eval_samples, seq_len, batch_size, None)
+    d = _data(data, eval_data, 32, eval_samples, seq_len, batch_size, None, text_field)
     return _S.eval_stage(lm, d).value
 
 
@@ -173,3 +193,35 @@ def run(config: RunConfig | None = None, **kwargs: Any) -> Path:
 def open_scores(path: PathLike) -> Scores:
     """A scores artifact, read lazily (one tensor at a time)."""
     return _open_scores(path)
+
+
+def superweights(
+    lm,
+    *,
+    prompt: str | None = None,
+    spike_ratio: float | None = None,
+    spike_threshold: float | None = None,
+    all_layers: bool = False,
+    module: str | None = None,
+    control_draws: int = 20,
+    seed: int = 0,
+    eval_samples: int = 32,
+    eval_data: PathLike | None = None,
+    data: PathLike | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+):
+    """Super weights (Yu et al. 2024): one forward pass on `prompt` finds a candidate
+    W[i, j] per layer's MLP down-projection (largest |output| channel i, |input| channel
+    j); those whose spike reaches `spike_ratio` × the layer's median |output| (or every
+    layer, `all_layers`) are zeroed alone against `control_draws` random single weights.
+    Returns `cwa.super_weights.SuperWeights` (`.candidates`, `.controls`, `.results`,
+    `.table`, `.to_pandas()`)."""
+    from cwa import super_weights as SW
+
+    d = _data(data, eval_data, 32, eval_samples, seq_len, batch_size, None)
+    return SW.superweights_stage(
+        lm, d, prompt=SW.DEFAULT_PROMPT if prompt is None else prompt,
+        spike_ratio=SW.DEFAULT_SPIKE_RATIO if spike_ratio is None else spike_ratio, spike_threshold=spike_threshold,
+        all_layers=all_layers, module=module, draws=control_draws, seed=seed,
+    ).value

@@ -879,17 +879,49 @@ class ScoresFile(Scores):
             return
         h = None
         if verify and name not in self._verified and self._hash_of(name) is not None:
-            h = hashlib.sha256()
+            h = _HashBehind()
         with open(self.path, "rb", buffering=0) as f:
             for start in range(0, n, step):
                 raw = self._read(f, name, start, min(step, n - start))
-                if h is not None:
+                if h is not None:  # read-only from here: the hash reads it meanwhile
                     h.update(raw.view(torch.uint8).numpy())
                 yield start, raw.to(torch.float32)
                 del raw
                 _ReleaseFreedHeap.check()  # the consumer is done with the piece
         if h is not None:
             self._check_hash(name, h.hexdigest())
+
+
+_HASH_POOL = None
+
+
+class _HashBehind:
+    """SHA-256 of a stream of pieces computed on another thread while the reader's
+    consumer works on the piece (hashlib releases the GIL for large buffers), so checking
+    a tensor costs about max(hash, consumer) of wall time instead of their sum. Pieces
+    are hashed in order, one at a time; a piece must not change until the next `update`
+    (a change would show as a mismatch, never as a silent pass)."""
+
+    def __init__(self) -> None:
+        global _HASH_POOL
+        if _HASH_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cwa-hash")
+        self.h = hashlib.sha256()
+        self.pool = _HASH_POOL
+        self.pending = None
+
+    def update(self, buf) -> None:
+        if self.pending is not None:
+            self.pending.result()
+        self.pending = self.pool.submit(self.h.update, buf)
+
+    def hexdigest(self) -> str:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+        return self.h.hexdigest()
 
 
 def _read_safetensors_header(path: Path) -> dict:
@@ -1382,11 +1414,39 @@ class Results(_Document):
     def baseline(self) -> dict[str, Any]:
         return self.doc.get("baseline") or {}
 
+    @property
+    def tasks(self) -> list[dict[str, Any]]:
+        """The lm-eval task metrics (`cwa perturb --eval-tasks`, `cwa.tasks`), one row per
+        (condition, task, metric), the baseline first: `condition` ("baseline" or the
+        condition's name), `seed`, `draw`, `k`, `task`, `metric`, `value`, `stderr`
+        (lm-eval's, None where it gives none). Empty without tasks. The documents hold the
+        same as `baseline["tasks"]` and each condition's `tasks`: {task: {metric: value,
+        metric_stderr: value}}; `doc["task_eval"]` says what was evaluated."""
+        from cwa.tasks import metric_names, stderr_key
+
+        rows: list[dict[str, Any]] = []
+        records = [({"name": "baseline"}, self.baseline.get("tasks"))]
+        records += [(c, c.get("tasks")) for c in self.conditions]
+        for c, tasks in records:
+            for task, metrics in (tasks or {}).items():
+                for m in metric_names(metrics):
+                    rows.append({"condition": c.get("name"), "seed": c.get("seed"), "draw": c.get("draw"),
+                                 "k": c.get("k"), "task": task, "metric": m, "value": metrics.get(m),
+                                 "stderr": metrics.get(stderr_key(m))})
+        return rows
+
     def to_pandas(self):
-        """One row per condition (the fields of `conditions`)."""
+        """One row per condition (the fields of `conditions`; lm-eval task metrics as
+        columns `tasks.{task}.{metric}`)."""
         import pandas as pd
 
-        return pd.DataFrame(self.conditions)
+        rows = []
+        for c in self.conditions:
+            row = {k: v for k, v in c.items() if k != "tasks"}
+            for task, metrics in (c.get("tasks") or {}).items():
+                row.update({f"tasks.{task}.{m}": v for m, v in metrics.items()})
+            rows.append(row)
+        return pd.DataFrame(rows)
 
 
 @dataclass
@@ -1447,9 +1507,94 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         is_h5 = f.read(len(_MAGIC)) == _MAGIC
     if not is_h5:
         if path.suffix == ".json":
-            raise ArtifactError(f"{path}: a JSON report, not a stage artifact")
+            return describe_json(path)
         return _describe_scores(open_scores(path))
     return _describe_h5(read_h5(path))
+
+
+def describe_json(path: str | os.PathLike, max_rows: int = 40) -> dict[str, Any]:
+    """`describe` of a JSON report: `cwa eval`'s baseline metrics (schema "eval (JSON)"),
+    `perturbation_results.json` ("perturbation results (JSON)": its conditions as the
+    table, the summary as notes), or any other JSON object cwa writes ("JSON": its
+    top-level values)."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a readable JSON report ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{path}: not a cwa JSON report (a JSON {type(doc).__name__}, not an object)")
+    if isinstance(doc.get("conditions"), list) and isinstance(doc.get("baseline"), dict):
+        return _describe_results_json(doc, max_rows)
+    if "nll" in doc and "perplexity" in doc:
+        return _describe_eval_json(doc)
+    fields = [(k, _short(v)) for k, v in doc.items() if not isinstance(v, (dict, list))]
+    rows = [(k, _shape_of(v)) for k, v in doc.items() if isinstance(v, (dict, list))]
+    return {"schema": "JSON", "fields": fields, "table": {"columns": ("key", "holds"), "rows": rows[:max_rows]},
+            "notes": [f"… {len(rows) - max_rows} more keys"] if len(rows) > max_rows else []}
+
+
+_EVAL_METRICS = ("nll", "perplexity", "token_accuracy", "bits_per_byte", "n_tokens", "n_windows")
+
+
+def _describe_eval_json(doc: dict) -> dict[str, Any]:
+    fields = [(k, _short(v)) for k, v in doc.items() if k not in _EVAL_METRICS and k != "eval_windows"]
+    fields.append(("eval_windows", _windows_text(doc.get("eval_windows"))))
+    rows = [(k, _num(doc[k])) for k in _EVAL_METRICS if k in doc]
+    return {"schema": "eval (JSON)", "fields": fields, "table": {"columns": ("metric", "value"), "rows": rows},
+            "notes": []}
+
+
+# the conditions' table (`kl` is kl_from_baseline); the method is one per file, a field
+_CONDITION_COLUMNS = ("name", "seed", "draw", "k", "n_changed", "delta_nll", "kl", "restored")
+
+
+def _describe_results_json(doc: dict, max_rows: int) -> dict[str, Any]:
+    skip = ("baseline", "conditions", "eval_windows")
+    fields = [(k, _short(v)) for k, v in doc.items() if k not in skip and not k.startswith("summary")]
+    fields.append(("eval_windows", _windows_text(doc.get("eval_windows"))))
+    fields.append(("baseline", ", ".join(f"{k} {_num(v)}" for k, v in doc["baseline"].items())))
+    conds = [c for c in doc["conditions"] if isinstance(c, dict)]
+    methods = sorted({str(c.get("method")) for c in conds})
+    fields.append(("method", ", ".join(methods)))
+    rows = [tuple(_num(c.get("kl_from_baseline" if col == "kl" else col)) for col in _CONDITION_COLUMNS)
+            for c in conds[:max_rows]]
+    notes = [f"{len(conds)} conditions" + (f", the first {max_rows} shown" if len(conds) > max_rows else "")]
+    for name, s in (doc.get("summary") or {}).items():
+        if isinstance(s, dict):
+            notes.append(f"summary {name}: " + ", ".join(f"{k} {_num(v)}" for k, v in s.items()))
+    notes += [f"{k}: {_shape_of(doc[k])}" for k in doc if k.startswith("summary_")]
+    return {"schema": "perturbation results (JSON)", "fields": fields,
+            "table": {"columns": _CONDITION_COLUMNS, "rows": rows}, "notes": notes}
+
+
+def _num(v: Any) -> str:
+    """A JSON value for a table cell: floats to 4 significant digits, lists of numbers
+    as `[lo, hi]`; the strings of non-finite numbers ("inf", "nan") as they are."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+        return "[" + ", ".join(_num(x) for x in v) + "]"
+    return "" if v is None else str(v)
+
+
+def _short(v: Any, limit: int = 300) -> str:
+    text = v if isinstance(v, str) else json.dumps(v, default=str)
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def _shape_of(v: Any) -> str:
+    if isinstance(v, list):
+        return f"a list of {len(v)}"
+    keys = list(v)
+    return f"an object of {len(keys)}: {', '.join(map(str, keys[:8]))}{' …' if len(keys) > 8 else ''}"
+
+
+def _windows_text(windows: Any) -> str:
+    if not isinstance(windows, list):
+        return _short(windows)
+    return f"{len(windows)} windows {windows[:8]}{' …' if len(windows) > 8 else ''}"
 
 
 def _describe_scores(sc: ScoresFile) -> dict[str, Any]:

@@ -105,3 +105,60 @@ def check_bit(bit: str | int) -> str | int:
     if v < 0:
         raise UsageError(f"--bit {bit}: a bit index must be non-negative")
     return v
+
+
+# The perturbation options and their defaults when not given (`None`): see
+# `check_perturb_flags`.
+PERTURB_FLAGS = {"scale": "--perturb-scale", "prob": "--perturb-prob", "bit": "--bit"}
+DEFAULT_PROB = 1.0
+DEFAULT_BIT = "exponent_msb"
+
+
+def check_perturb_flags(
+    method: str, *, scale: float | None = None, prob: float | None = None, bit: str | int | None = None
+) -> tuple[float, str | int]:
+    """Refuse a perturbation option given for a method that does not use it, instead of
+    ignoring it: `--perturb-prob` and `--bit` mean something to bit_flip only,
+    `--perturb-scale` to sign_flip and gauss_noise (each method's `uses` in the
+    perturbation registry says which). None means "not given"; an option given at its
+    default value (`--perturb zero --perturb-prob 1.0`) is refused too, since it was
+    asked for. `method` "none" (`cwa run --perturb none`) uses none of them. Returns
+    (prob, bit) with the defaults filled in (1.0, exponent_msb); their values are
+    checked later, with the method's other options."""
+    from cwa.perturbation import PERTURBATIONS
+
+    uses: tuple[str, ...] = () if method == "none" else PERTURBATIONS.get(method).uses
+    name = "none" if method == "none" else PERTURBATIONS.resolve(method)
+    for opt, value in (("scale", scale), ("prob", prob), ("bit", bit)):
+        if value is None or opt in uses:
+            continue
+        users = [n for n in PERTURBATIONS.names() if opt in PERTURBATIONS.get(n).uses]
+        raise UsageError(
+            f"{PERTURB_FLAGS[opt]} {value}: only --perturb {' or '.join(users)} uses it, "
+            f"not --perturb {name}; drop the flag"
+        )
+    return (DEFAULT_PROB if prob is None else prob), (DEFAULT_BIT if bit is None else bit)
+
+
+def check_controls(text: str) -> list[str]:
+    """`--controls`: a comma list of control names exactly as listed (`cwa.controls.CONTROLS`,
+    no aliases or abbreviations: `random` is refused, naming `random_k`), or `none`.
+    Spaces around the commas are allowed; an empty entry, an unknown name or a duplicate
+    is a usage error."""
+    from cwa.controls import CONTROLS
+    from cwa.registry import did_you_mean
+
+    if text.strip() == "none":
+        return []
+    names = [x.strip() for x in text.split(",")]
+    listed = CONTROLS.names()
+    for n in names:
+        if n not in listed:
+            what = "an empty name" if not n else f"{n!r} is not a control"
+            raise UsageError(
+                f"--controls {text!r}: {what}.{did_you_mean(n, [*listed, 'none'])} "
+                f"Choose from {', '.join(listed)} (comma-separated), or none."
+            )
+    if len(set(names)) != len(names):
+        raise UsageError(f"--controls {text!r}: contains duplicates")
+    return names

@@ -5,16 +5,32 @@ Library errors (`cwa.errors`) become one line on stderr with exit code 2 (usage)
 ("error: TypeName: message"), exit code 1. Set CWA_DEBUG=1 (or true/yes/on) for the
 traceback (`cwa.console.debug_enabled`). SIGTERM and Ctrl-C (`cwa.stop`) raise at once
 and leave a pending-stop flag that the long loops check, so an interrupted stage removes
-its temporary file and exits 130 with one line.
+its temporary file and exits with one line: 143 after SIGTERM, 130 after Ctrl-C (128 +
+the signal's number). A reader that closes the pipe early (`cwa --help | head -1`) ends
+the command quietly with exit code 0: what was asked for was done, only its output went
+unread.
+
+Global options (before the subcommand): `--version`, `-q/--quiet` (no progress or
+info lines on stderr; errors still show), and typer's `--install-completion` /
+`--show-completion`. Help is click's plain layout, at most 80 columns wide, so option
+names and defaults are never cut (rich's option tables cut them at 80 columns), and
+the examples of each command keep one command per line (`_help_text`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
+import os
+import re
+import signal
 import sys
+from typing import Annotated
 
 import typer
 
+from cwa.commands.compare import compare_cmd
 from cwa.commands.control import control_cmd
 from cwa.commands.eval import eval_cmd
 from cwa.commands.info import info_cmd
@@ -24,10 +40,13 @@ from cwa.commands.rank import rank_cmd
 from cwa.commands.run import run_cmd
 from cwa.commands.score import score_cmd
 from cwa.commands.stability import stability_cmd
-from cwa.console import debug_enabled
-from cwa.stop import Terminated, handling
+from cwa.commands.superweights import superweights_cmd
+from cwa.console import debug_enabled, set_quiet
+from cwa.stop import Terminated, exit_code, handling
 
-__all__ = ["Terminated", "app", "main"]
+__all__ = ["StdoutClosed", "Terminated", "app", "main"]
+
+HELP_WIDTH = 80  # columns of `--help`, whatever the terminal's width
 
 app = typer.Typer(
     name="cwa",
@@ -38,11 +57,103 @@ app = typer.Typer(
         "`cwa run` does everything in one go."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": HELP_WIDTH},
 )
 
+
+def version() -> str:
+    """cwa's version: the installed distribution's, else `cwa.__version__`."""
+    import importlib.metadata as md
+
+    try:
+        return md.version("cwa")
+    except md.PackageNotFoundError:
+        import cwa
+
+        return getattr(cwa, "__version__", "unknown")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"cwa {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print cwa's version and exit."),
+    ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No progress or info lines on stderr (errors still show)."),
+    ] = False,
+) -> None:
+    """Options of every command: give them before the command (`cwa -q run`)."""
+    set_quiet(quiet)
+
+
+# An example paragraph (its own 2-space indent included) is printed 2 columns in, and
+# click keeps the last 2 columns of HELP_WIDTH free: what fits in this many stays as written.
+_EXAMPLE_WIDTH = HELP_WIDTH - 4
+
+
+def _help_text(fn) -> str:
+    """A command's docstring for `--help`: prose paragraphs are rewrapped by click; each
+    paragraph after "Examples:" is one shell command, kept unwrapped (click's `\\b`) and
+    broken, where it is longer than the help is wide, with backslash continuations
+    between whole options (`--topk 100` stays together), so it can still be pasted."""
+    doc = inspect.getdoc(fn) or ""
+    head, sep, tail = doc.partition("\nExamples:\n")
+    if not sep:
+        return doc
+    examples = [p for p in re.split(r"\n\s*\n", tail) if p.strip()]
+    return head + "\nExamples:\n\n" + "\n\n".join("\b\n" + _example(p) for p in examples)
+
+
+def _short_help(fn) -> str:
+    """A command's line in `cwa --help`, whole (click would cut it at 45 characters): its
+    docstring's first sentence without the "; print ..." clause of the stdout contract,
+    cut at its first colon when still longer than 90 characters."""
+    first = (inspect.getdoc(fn) or "").split("\n\n")[0]
+    sentence = re.split(r"(?<=\.)\s", " ".join(first.split()), maxsplit=1)[0].rstrip(".")
+    sentence = sentence.split("; print")[0]
+    if len(sentence) > 90 and ": " in sentence:
+        sentence = sentence.split(": ")[0]
+    return sentence + "."
+
+
+def _example(paragraph: str) -> str:
+    """One example for `--help`: as written when it fits on a line; else its trailing
+    comment on a line of its own above it, then the command, broken before whole options
+    with backslash continuations."""
+    paragraph = paragraph.strip("\n").rstrip()
+    text = " ".join(paragraph.split("\n")).strip()
+    m = re.search(r"\s{2,}(#.*)$", text)  # a trailing comment, set off by two spaces or more
+    comment = m.group(1) if m else ""
+    command = " ".join((text[: m.start()] if m else text).split())
+    if len(paragraph) <= _EXAMPLE_WIDTH and "\n" not in paragraph:
+        return paragraph  # fits: as written (its comment's alignment too)
+    lines = [f"  {comment}"] if comment else []
+    units: list[str] = []  # an option with its value is one unit: never split
+    for tok in command.split(" "):
+        if units and units[-1].startswith("-") and " " not in units[-1] and not tok.startswith("-") and tok != "|":
+            units[-1] += " " + tok
+        else:
+            units.append(tok)
+    line = "  " + units[0]
+    for u in units[1:]:
+        if len(line) + 1 + len(u) + 2 > _EXAMPLE_WIDTH:  # room for " \\"
+            lines.append(line + " \\")
+            line = "      " + u
+        else:
+            line += " " + u
+    lines.append(line)
+    return "\n".join(lines)
 
 
 def _one_line(text) -> str:
@@ -109,21 +220,83 @@ for _name, _fn in [
     ("control", control_cmd),
     ("perturb", perturb_cmd),
     ("stability", stability_cmd),
+    ("superweights", superweights_cmd),
     ("plot", plot_cmd),
     ("eval", eval_cmd),
     ("info", info_cmd),
     ("run", run_cmd),
+    ("compare", compare_cmd),
 ]:
-    app.command(_name)(_mapped(_fn))
+    app.command(_name, help=_help_text(_fn), short_help=_short_help(_fn))(_mapped(_fn))
 
 
 _INTERRUPTED = "error: interrupted; no partial artifact was left"
 
 
+class StdoutClosed(BaseException):
+    """stdout's reader has gone (a closed pipe). A BaseException, so that no handler in
+    typer, click or rich (which turn a broken pipe into exit code 1) catches it first."""
+
+
+class _GuardedStdout:
+    """`sys.stdout` while the console script runs: a write or flush that meets a closed
+    pipe raises `StdoutClosed`; everything else is the real stream's."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, s):
+        try:
+            return self._stream.write(s)
+        except BrokenPipeError:
+            raise StdoutClosed() from None
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise StdoutClosed() from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence(stream) -> None:
+    """Point `stream`'s file descriptor at /dev/null, so that the interpreter's own flush
+    of what is still buffered succeeds at exit (the recipe of Python's `signal` docs)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The console script: SIGTERM / Ctrl-C handlers (`cwa.stop.handling`) around the app."""
+    """The console script: SIGTERM / Ctrl-C handlers (`cwa.stop.handling`) around the app;
+    a closed stdout pipe ends it quietly with exit code 0 (an error's code is kept)."""
+    real = sys.stdout
     with handling():
-        _main(argv)
+        sys.stdout = _GuardedStdout(real) if real is not None else real
+        try:
+            _main(argv)
+            sys.stdout.flush()
+        except StdoutClosed:
+            _silence(real)
+            sys.exit(0)
+        except SystemExit:
+            try:
+                sys.stdout.flush()
+            except StdoutClosed:
+                _silence(real)
+            raise
+        finally:
+            sys.stdout = real
+            set_quiet(False)
 
 
 def _main(argv: list[str] | None) -> None:
@@ -141,9 +314,12 @@ def _main(argv: list[str] | None) -> None:
             raise
         print(_error_line(e), file=sys.stderr)
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, Terminated):
+    except KeyboardInterrupt:
         print(_INTERRUPTED, file=sys.stderr)
-        sys.exit(130)
+        sys.exit(exit_code(signal.SIGINT))
+    except Terminated:
+        print(_INTERRUPTED, file=sys.stderr)
+        sys.exit(exit_code(signal.SIGTERM))
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

@@ -6,6 +6,8 @@ log lines on stderr elsewhere (batch logs, pipes, CI): one every `LOG_INTERVAL_S
 at most (`CWA_PROGRESS_INTERVAL` overrides it), e.g. `score hutchinson_diag: 40/128 windows (31%), 2.1 windows/s, 19 s elapsed`,
 and a last one at the end. A loop shorter than `LOG_INTERVAL_S` writes no line unless
 `--verbose`, so a short command's stderr holds only what it has to say (one error line).
+`--quiet` (`set_quiet`) silences both, log lines and progress, whatever `--verbose` says;
+errors are printed by `cwa.cli`, never through `log()`, so they still show.
 `emit()` prints an artifact path on stdout. `debug_enabled()` reads `CWA_DEBUG`, the one
 switch that shows tracebacks. A progress bar's `advance()` is also a stop point
 (`cwa.stop.check_stop()`), so every loop that reports progress ends at its next step
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 _verbose = False
+_quiet = False
 
 LOG_INTERVAL_S = 10.0  # the least time between two progress lines in a log
 _clock: Callable[[], float] = time.perf_counter  # seconds; a test puts a fake clock here
@@ -45,8 +48,18 @@ def set_verbose(v: bool) -> None:
     _verbose = v
 
 
+def set_quiet(q: bool) -> None:
+    """`cwa --quiet`: no log lines and no progress on stderr (errors still show)."""
+    global _quiet
+    _quiet = bool(q)
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
 def log(msg: str, *, verbose_only: bool = False) -> None:
-    if verbose_only and not _verbose:
+    if _quiet or (verbose_only and not _verbose):
         return
     print(msg, file=sys.stderr, flush=True)
 
@@ -92,8 +105,15 @@ def progress(description: str, total: int, unit: str = "windows") -> Iterator[Ca
     """Progress of a loop of `total` steps; yields `advance(n)`. A rich bar on stderr in a
     terminal, a rich display in a notebook, log lines on stderr otherwise (see the module
     docstring). `advance` raises a pending stop (SIGTERM / Ctrl-C) after counting the step;
-    a loop that ends by an exception writes no final line."""
-    if in_notebook() and _rich_in_notebook():  # first: a kernel's stderr may claim a tty
+    a loop that ends by an exception writes no final line. Quiet (`set_quiet`): nothing,
+    but `advance` is still a stop point."""
+    if _quiet:
+
+        def advance(n: int) -> None:
+            check_stop()
+
+        yield advance
+    elif in_notebook() and _rich_in_notebook():  # first: a kernel's stderr may claim a tty
         from rich.console import Console
 
         with _rich_progress(description, total, unit, Console(force_jupyter=True)) as advance:

@@ -7,9 +7,17 @@ token, else `seq_len` stream tokens; a trailing remainder is dropped. The first 
 is never a target.
 
 Sources (`--data` / `--eval-data`): a `.txt` file (one document), a directory of `.txt`
-files (sorted), a `.jsonl` file with a `text` field, `hf:NAME[:CONFIG[:SPLIT]]` through the
-`datasets` package, or a `.npy` integer array `[N, seq_len]` used verbatim. Without any
-`--data`, the embedded corpus's calibration and evaluation parts are used.
+files (sorted), a `.jsonl` file (one JSON object per line), the same gzip-compressed
+(`.jsonl.gz`, or `.json.gz` as the C4 shards that Wanda and SparseGPT calibrate on are named),
+a directory written by `datasets`' `save_to_disk`, `hf:NAME[:CONFIG[:SPLIT]]` through the
+`datasets` package (NAME a hub id or a local path; SPLIT may slice, `test[:5%]`,
+`train[10:200]`), or a `.npy` integer array `[N, seq_len]` used verbatim. Records give their
+document in the field `--text-field` (default `text`). Without any `--data`, the embedded
+corpus's calibration and evaluation parts are used.
+
+A hub dataset is read from the `datasets` cache first (as with `HF_HUB_OFFLINE=1`); only
+when it is not there is the hub asked, after one HEAD request without retries that fails at
+once, with one line, when the hub cannot be reached.
 
 Splitting user data when no `--eval-data` is given: with 10 or more documents, documents
 whose index i satisfies `i % 10 == 9` (a fixed 10%) become evaluation documents; otherwise
@@ -28,6 +36,7 @@ the document they come from (see `count_window_bytes`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,6 +49,10 @@ from typing import Any
 from cwa.errors import UsageError
 
 DEFAULT_SEQ_LEN = 256
+DEFAULT_TEXT_FIELD = "text"
+_RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz")
+_SAVED_DATASET = ("dataset_info.json", "state.json")  # what save_to_disk writes for a Dataset
+_SAVED_DATASET_DICT = "dataset_dict.json"  # ... and for a DatasetDict
 
 
 @dataclass
@@ -84,31 +97,50 @@ def windows_fingerprint(ids) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def read_documents(spec: str) -> list[str]:
-    """Documents from a `--data` value that is not a `.npy` file."""
+def read_documents(spec: str, text_field: str | None = None) -> list[str]:
+    """Documents from a `--data` value that is not a `.npy` file; records (JSON lines, a
+    dataset) give theirs in `text_field` (default `text`)."""
+    field = text_field or DEFAULT_TEXT_FIELD
     if spec.startswith("hf:"):
-        return _read_hf(spec)
+        return _read_hf(spec, field)
     p = Path(spec)
     if not p.exists():
         raise UsageError(f"--data {spec}: no such file or directory")
-    if p.is_dir():
+    if p.is_dir() and is_saved_dataset(p):
+        docs = _dataset_texts(_load_saved(p, None, spec), field, spec)
+    elif p.is_dir():
         files = sorted(x for x in p.iterdir() if x.suffix == ".txt" and x.is_file())
         if not files:
-            raise UsageError(f"--data {spec}: directory has no .txt files")
+            raise UsageError(f"--data {spec}: directory has no .txt files (nor a dataset saved with save_to_disk)")
         docs = [_read_text(f) for f in files]
     elif p.suffix == ".txt":
         docs = [_read_text(p)]
-    elif p.suffix == ".jsonl":
-        docs = _read_jsonl(p)
+    elif p.name.endswith(_RECORD_SUFFIXES):
+        docs = _read_jsonl(p, field)
     else:
         raise UsageError(
             f"--data {spec}: unsupported file type {p.suffix!r}; use .txt, a directory of "
-            ".txt, .jsonl with a 'text' field, .npy token windows or hf:NAME"
+            ".txt, .jsonl / .jsonl.gz / .json.gz (JSON lines), a save_to_disk dataset "
+            "directory, .npy token windows or hf:NAME"
         )
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise UsageError(f"--data {spec}: contains no text")
     return docs
+
+
+def reads_records(spec: str | None) -> bool:
+    """Whether a --data value gives its documents in a field (`--text-field` applies)."""
+    if spec is None:
+        return False
+    if spec.startswith("hf:"):
+        return True
+    p = Path(spec)
+    return p.name.endswith(_RECORD_SUFFIXES) or (p.is_dir() and is_saved_dataset(p))
+
+
+def is_saved_dataset(p: Path) -> bool:
+    return all((p / f).is_file() for f in _SAVED_DATASET) or (p / _SAVED_DATASET_DICT).is_file()
 
 
 def _read_text(p: Path) -> str:
@@ -121,43 +153,194 @@ def _read_text(p: Path) -> str:
         raise UsageError(f"--data {p}: cannot read ({e.strerror})") from None
 
 
-def _read_jsonl(p: Path) -> list[str]:
+def _read_gzip_text(p: Path) -> str:
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(p, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        raise UsageError(f"--data {p}: not a valid gzip file (truncated or corrupt)") from None
+    except OSError as e:
+        raise UsageError(f"--data {p}: cannot read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"--data {p}: not UTF-8 text once decompressed") from None
+
+
+def _read_jsonl(p: Path, field: str = DEFAULT_TEXT_FIELD) -> list[str]:
+    """JSON lines, plain or gzip-compressed: the string `field` of every record."""
     docs = []
+    text = _read_gzip_text(p) if p.suffix == ".gz" else _read_text(p)
     # Records end at "\n" only: str.splitlines() would also cut at U+2028, U+0085 and
     # other characters that JSON allows unescaped inside a string. A byte order mark
     # that starts a line (files concatenated) is dropped like the file's first one.
-    for i, line in enumerate(_read_text(p).split("\n"), 1):
+    for i, line in enumerate(text.split("\n"), 1):
         line = line.lstrip("\ufeff")
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            raise UsageError(f"--data {p}: line {i} is not valid JSON") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise UsageError(f"--data {p}: line {i} has no string 'text' field")
-        docs.append(rec["text"])
+            raise UsageError(f"--data {p}: line {i} is not valid JSON (expected one JSON object per line)") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+            keys = f" (its fields: {', '.join(map(str, list(rec)[:8]))})" if isinstance(rec, dict) else ""
+            raise UsageError(
+                f"--data {p}: line {i} has no string {field!r} field{keys}; name the field with --text-field"
+            )
+        docs.append(rec[field])
     return docs
 
 
-def _read_hf(spec: str) -> list[str]:
-    parts = spec[3:].split(":")
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG[:SPLIT]]` -> (NAME, CONFIG or None, SPLIT, default train). A colon
+    inside brackets belongs to the split's slice (`test[:5%]`)."""
+    parts, cur, depth = [], "", 0
+    for c in spec[3:]:
+        depth += (c == "[") - (c == "]")
+        if c == ":" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += c
+    parts.append(cur)
+    if len(parts) > 3 or not parts[0]:
+        raise UsageError(
+            f"--data {spec}: expected hf:NAME[:CONFIG[:SPLIT]] (e.g. hf:wikitext:wikitext-2-raw-v1:test[:5%])"
+        )
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return name, config, split
+
+
+def _read_hf(spec: str, field: str = DEFAULT_TEXT_FIELD) -> list[str]:
+    name, config, split = parse_hf_spec(spec)
+    datasets = _datasets(spec)
+    if Path(name).is_dir() and is_saved_dataset(Path(name)):
+        return _dataset_texts(_load_saved(Path(name), split, spec), field, spec)
+    ds = _load_hf(datasets, name, config, split, spec)
+    return _dataset_texts(ds, field, spec)
+
+
+def _dataset_texts(ds, field: str, spec: str) -> list[str]:
+    if field not in ds.column_names:
+        raise UsageError(
+            f"--data {spec}: dataset has no {field!r} column (columns: {', '.join(ds.column_names)}); "
+            "name the column with --text-field"
+        )
+    return [t for t in ds[field] if isinstance(t, str) and t.strip()]
+
+
+def _datasets(spec: str):
+    """The `datasets` package, its "Generating split" bars and log lines off stderr unless
+    --verbose."""
     try:
         import datasets
     except ImportError:
         raise UsageError(
             f"--data {spec}: needs the 'datasets' package (pip install 'cwa[datasets]')"
         ) from None
+    from cwa.models import library_progress
+
+    if library_progress():
+        datasets.enable_progress_bars()
+    else:
+        datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def _load_saved(path: Path, split: str | None, spec: str):
+    """A dataset written by `save_to_disk`; of a DatasetDict, `split` (default train, or its
+    only split), which may slice (`test[:10%]`)."""
+    datasets = _datasets(spec)
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # FileNotFoundError, ArrowInvalid, JSONDecodeError, ...
+        raise UsageError(f"--data {spec}: cannot read the saved dataset ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        split = split or ("train" if "train" in ds or len(names) != 1 else names[0])
+        base = split.split("[", 1)[0]
+        if base not in ds:
+            raise UsageError(
+                f"--data {spec}: the saved dataset has no split {base!r} (splits: {', '.join(names)}); "
+                f"pick one with hf:{path}::SPLIT"
+            )
+        return _slice(ds[base], split, spec)
+    if split is not None:
+        return _slice(ds, split, spec, own=str(ds.split) if ds.split is not None else None)
+    return ds
+
+
+def _slice(ds, split: str, spec: str, own: str | None = None):
+    """`ds` cut by the slice of `split` (`train[:10%]`, `train[5:50]`), as datasets reads it."""
+    import datasets
+
+    base = split.split("[", 1)[0]
+    if own is not None and base not in (own, "train"):
+        raise UsageError(f"--data {spec}: the saved dataset is the {own!r} split, not {base!r}")
+    if "[" not in split:
+        return ds
+    try:
+        instr = datasets.ReadInstruction.from_spec(split.replace(base, "x", 1)).to_absolute({"x": len(ds)})
+    except (ValueError, AssertionError, KeyError) as e:
+        raise UsageError(f"--data {spec}: bad split slice {split!r} ({e})") from None
+    rows = [i for a in instr for i in range(a.from_, a.to)]
+    return ds.select(rows)
+
+
+def _load_hf(datasets, name: str, config: str | None, split: str, spec: str):
+    """`load_dataset` from the cache first (no request), then the hub after a quick check
+    that it answers; a local path never leaves the machine."""
+    try:
+        with _datasets_offline(datasets):
+            return datasets.load_dataset(name, config, split=split)
     except Exception as e:
-        raise UsageError(f"--data {spec}: cannot load dataset ({type(e).__name__}: {e})") from None
-    if "text" not in ds.column_names:
-        raise UsageError(f"--data {spec}: dataset has no 'text' column ({ds.column_names})")
-    return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
+        first = e
+    local = Path(name).exists()
+    from huggingface_hub import constants
+
+    if local or constants.HF_HUB_OFFLINE or getattr(datasets.config, "HF_HUB_OFFLINE", False):
+        why = "" if local else "; it is not available offline (not in the datasets cache)"
+        raise UsageError(f"--data {spec}: cannot load dataset ({type(first).__name__}: {_line(first)}){why}") from None
+    from cwa.models import hub_check
+
+    got = hub_check(name, "README.md", repo_type="dataset")
+    if got is not None:
+        kind, detail = got
+        if kind == "unreachable":
+            raise UsageError(
+                f"--data {spec}: it is not in the datasets cache and the hub ({constants.ENDPOINT}) cannot be "
+                f"reached ({detail}); load it once where there is a network, point HF_HOME at a cache "
+                "that holds it, or pass a local path"
+            )
+        raise UsageError(f"--data {spec}: not in the datasets cache and {detail}")
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise UsageError(f"--data {spec}: cannot load dataset ({type(e).__name__}: {_line(e)})") from None
+
+
+def _line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+@contextlib.contextmanager
+def _datasets_offline(datasets):
+    """`datasets` (and the hub client under it) as with HF_HUB_OFFLINE=1, for one call."""
+    import huggingface_hub.constants as hc
+
+    saved = (getattr(datasets.config, "HF_HUB_OFFLINE", False), hc.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = True
+    hc.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE = saved
 
 
 def read_npy(
@@ -458,10 +641,13 @@ def prepare_data(
     data_seed: int = 0,
     need_calib: bool = True,
     need_eval: bool = True,
+    text_field: str | None = None,
 ) -> DataSplit:
     """Calibration and evaluation windows for a stage (see module docstring).
 
-    `calib_samples` / `eval_samples` None means all available windows."""
+    `calib_samples` / `eval_samples` None means all available windows. `text_field`: the
+    field of a record source that holds its document (default `text`)."""
+    field = check_text_field(text_field, data, eval_data)
     context = model_context(config)
     vocab = getattr(config, "vocab_size", None)
     npy_data = data is not None and data.endswith(".npy")
@@ -475,7 +661,7 @@ def prepare_data(
         seq = resolve_seq_len(seq_len, context)
     win = _Windower(tokenizer, seq, tokenizer.bos_token_id is not None)
     calib_all, eval_all, calib_src, eval_src = _data_parts(
-        win, data, allw, need_calib, need_eval, split=eval_data is None
+        win, data, allw, need_calib, need_eval, split=eval_data is None, field=field
     )
     if eval_data is not None and need_eval:
         eval_src = eval_data
@@ -486,13 +672,38 @@ def prepare_data(
             )
             eval_all = _Part(read_npy(eval_data, seq, vocab, context, "--eval-data", width_from), False)
         else:
-            eval_all = win.part(read_documents(eval_data), f"--eval-data {eval_data}")
+            eval_all = win.part(read_documents(eval_data, field), f"--eval-data {eval_data}")
     calib = ev = None
     if need_calib:
-        calib = _sample(calib_all, calib_samples, data_seed, "data", "calib", calib_src)
+        calib = _keyed(_sample(calib_all, calib_samples, data_seed, "data", "calib", calib_src), data, field)
     if need_eval:
-        ev = _sample(eval_all, eval_samples, 0, "eval", "eval", eval_src)
+        ev = _keyed(_sample(eval_all, eval_samples, 0, "eval", "eval", eval_src),
+                    eval_data if eval_data is not None else data, field)
     return DataSplit(calib, ev, seq)
+
+
+def check_text_field(text_field: str | None, data: str | None, eval_data: str | None) -> str:
+    """The record field documents are read from: `text` unless `--text-field` names one,
+    which needs a source that has fields."""
+    if text_field is None:
+        return DEFAULT_TEXT_FIELD
+    if not text_field.strip():
+        raise UsageError("--text-field '': give the name of the field that holds the text")
+    if not (reads_records(data) or reads_records(eval_data)):
+        given = " and ".join(f"{o} {v}" for o, v in (("--data", data), ("--eval-data", eval_data)) if v) or "the embedded corpus"
+        raise UsageError(
+            f"--text-field {text_field}: {given} has no fields; it applies to .jsonl, .jsonl.gz, "
+            ".json.gz, hf: and save_to_disk data"
+        )
+    return text_field
+
+
+def _keyed(w: Windows, spec: str | None, field: str) -> Windows:
+    """A field other than `text` is part of the data fingerprint of a record source (the
+    same token ids read from another field are another input, by name)."""
+    if field != DEFAULT_TEXT_FIELD and reads_records(spec):
+        w.fingerprint = hashlib.sha256(f"{w.fingerprint}|text_field={field}".encode()).hexdigest()
+    return w
 
 
 @dataclass
@@ -524,7 +735,8 @@ class _Windower:
 
 
 def _data_parts(
-    win: _Windower, data: str | None, allw: Any, need_calib: bool, need_eval: bool, split: bool
+    win: _Windower, data: str | None, allw: Any, need_calib: bool, need_eval: bool, split: bool,
+    field: str = DEFAULT_TEXT_FIELD,
 ) -> tuple[_Part | None, _Part | None, str, str]:
     """All calibration and evaluation windows of `--data` (the embedded corpus when None;
     `allw`: the windows of a `.npy` file), and their sources. `split`: no `--eval-data`,
@@ -542,7 +754,7 @@ def _data_parts(
     if allw is not None:
         calib_all, eval_all = _split_windows(_Part(allw, False), split)
         return calib_all, eval_all, data, data
-    docs = read_documents(data)
+    docs = read_documents(data, field)
     if split and len(docs) >= 10:
         cal_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
         ev_docs = [d for i, d in enumerate(docs) if i % 10 == 9]

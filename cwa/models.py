@@ -13,10 +13,32 @@ checkpoints (`pytorch_model.bin`, ...) are refused unless `allow_pickle=True`, a
 read with `torch.load(weights_only=True)`, which rebuilds tensors and plain containers only;
 when safetensors files are present a pickle is never opened.
 
-A hub id is resolved in the local Hugging Face cache: its revision (branch, tag or commit,
-default "main") names one commit through `refs/<name>`, and the model is loaded from that
-commit's snapshot, so the tokenizer, config and weights come from one commit and a tag and
-its commit are the same model.
+A hub id is resolved in the local Hugging Face cache first: its revision (branch, tag or
+commit, default "main") names one commit through `refs/<name>`, and the model is loaded
+from that commit's snapshot, so the tokenizer, config and weights come from one commit and a
+tag and its commit are the same model. A snapshot that holds a config, a tokenizer and every
+weight file is loaded from its folder, as a local directory, with or without
+`HF_HUB_OFFLINE`: no request is made (given the hub id, transformers asks the hub about every
+optional file, and without a network retries each one for minutes; even `local_files_only`
+lets huggingface_hub make one request of its own). Anything else needs the hub: one HEAD request
+without retries (`HF_HUB_ETAG_TIMEOUT`, 10 s) checks that it answers, and when it does not the
+load fails at once with one line; when it does, transformers downloads what is missing.
+
+`dtype="auto"` means what it means in transformers: the checkpoint's own dtype (`dtype` /
+`torch_dtype` in config.json, else the dtype of its safetensors weights, else float32; a
+.gguf de-quantizes to float32). One exception: a float16 checkpoint on the CPU loads in
+float32, an exact upcast (CPU float16 arithmetic is emulated on most CPUs and its narrow range
+underflows small gradients, which training avoided by loss scaling; bfloat16 has float32's
+range and stays bfloat16, slow on CPUs without bfloat16 instructions but correct).
+
+A PEFT adapter directory (`adapter_config.json`, needs the `peft` package) is loaded on top of
+its base model (`base_model_name_or_path`: a local directory or a hub id, resolved as above)
+and merged into it (`merge_and_unload`): the model that is scored and perturbed is the base
+with the adapter's update added to its weights, under the base's parameter names; the
+adapter's own factors (LoRA's A and B) are not parameters of it. Adapter keys that do not fit
+the base, or base layers the adapter names but lacks, are an error, as for a checkpoint.
+Its fingerprint hashes the base model's fingerprint with the adapter's weight file and
+adapter_config.json.
 
 The model fingerprint identifies the *stored* model, so that an edited checkpoint is never
 a cache hit: the commit of a hub model; for each weight file transformers loads (the
@@ -54,6 +76,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 FINGERPRINT_VERSION = "cwa-model/2"
 
+_EMBEDDED_NAMES = ("embedded", "cwa-embedded-gpt2")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ_SIZE = 64 << 20  # bytes hashed per update (SHA-256, not the calls, sets the pace)
@@ -70,8 +93,9 @@ class LoadedModel:
     for a local directory, a .gguf file or the embedded model)."""
 
     def __init__(self, loader, tokenizer, config, name, fingerprint, dtype, device, revision, source,
-                 commit=None, checkpoint=None):
+                 commit=None, checkpoint=None, late_fingerprint=None):
         self._loader = loader
+        self._late_fingerprint = late_fingerprint  # (model) -> fingerprint, once the weights are there
         self._model = None
         self.tokenizer = tokenizer
         self.config = config
@@ -96,8 +120,10 @@ class LoadedModel:
         loading downloads them into the snapshot, then the files are hashed as usual."""
         if self._fingerprint is None:
             m = self.model
-            fp = checkpoint_fingerprint(self._checkpoint, self.commit) if self._checkpoint else None
-            self._fingerprint = fp or model_fingerprint(m, commit=self.commit)
+            if self._late_fingerprint is not None:
+                self._fingerprint = self._late_fingerprint(m)
+            else:
+                self._fingerprint = _weights_fingerprint(m, self._checkpoint, self.commit)
         return self._fingerprint
 
     @property
@@ -136,14 +162,81 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
+def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def resolve_dtype(dtype: str, device: str, stored: str | None = None):
+    """(name, torch dtype) a model is loaded in. `auto` is transformers' meaning, the
+    checkpoint's own dtype (`stored`; float32 when unknown), except that float16 becomes
+    float32 on the CPU (see the module docstring)."""
+    import torch
+
+    check_dtype(dtype)
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        dtype = stored if stored in DTYPES[1:] else "float32"
+        if dtype == "float16" and device == "cpu":
+            dtype = "float32"
     return dtype, getattr(torch, dtype)
+
+
+_HEADER_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def stored_dtype(config: Any, folder: Path | None) -> str | None:
+    """The checkpoint's own dtype: config's `dtype` (`torch_dtype` before transformers 5),
+    else the most common floating dtype of its safetensors weights; None when unknown.
+    `config` is a transformers config or the dict of a config.json."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    for key in ("dtype", "torch_dtype"):
+        v = get(key)
+        if v is not None and str(v).removeprefix("torch.") in _HEADER_DTYPES.values():
+            return str(v).removeprefix("torch.")
+    kind, files = weight_files(folder) if folder is not None else (None, [])
+    if kind != "safetensors" or not all(f.is_file() for f in files):
+        return None
+    counts: dict[str, int] = {}
+    for f in files:
+        for _, (_, dt) in _safetensors_header(f).items():
+            if dt in _HEADER_DTYPES:
+                counts[_HEADER_DTYPES[dt]] = counts.get(_HEADER_DTYPES[dt], 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def planned_dtype(model: str | None, revision: str | None, dtype: str, device: str) -> str | None:
+    """The dtype name `load_model` will use, found without loading anything (the config.json
+    of a local, embedded, adapter's base or cached hub model); None when `auto` cannot be
+    resolved before the model is downloaded."""
+    check_dtype(dtype)
+    dev = resolve_device(device)
+    if dtype != "auto":
+        return dtype
+    if model is not None and model.endswith(".gguf"):
+        return "float32"
+    folder = _config_folder(model, revision)
+    if folder is None:
+        return None
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        stored = stored_dtype(cfg if isinstance(cfg, dict) else {}, folder)
+    except (OSError, ValueError, CwaError):
+        return None
+    return resolve_dtype("auto", dev, stored)[0]
+
+
+def _config_folder(model: str | None, revision: str | None, depth: int = 0) -> Path | None:
+    if model is None or model in _EMBEDDED_NAMES:
+        return embedded_dir()
+    p = Path(model)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p
+        base = _adapter_base(p).get("base_model_name_or_path") if (p / ADAPTER_CONFIG).is_file() else None
+        return _config_folder(base, None, depth + 1) if isinstance(base, str) and depth == 0 else None
+    found = hub_snapshot(model, revision) if not _looks_like_path(model) and not p.exists() else None
+    return found[1] if found and (found[1] / "config.json").is_file() else None
 
 
 def embedded_dir() -> Path:
@@ -163,6 +256,9 @@ class _Source:
     gguf: Path | None = None
     revision: str | None = None  # given to transformers (hub: the commit once resolved)
     commit: str | None = None
+    local_only: bool = False  # hub, offline: only the cache may be read (local_files_only)
+    adapter: Path | None = None  # a PEFT adapter directory merged into this (base) model
+    adapter_arg: str | None = None  # the --model value that named the adapter
 
 
 def load_model(
@@ -179,35 +275,98 @@ def load_model(
 ) -> LoadedModel:
     """Load model + tokenizer; one clear `CwaError` when it cannot be loaded, a `UsageError`
     when the request is wrong (an unknown revision, a pickle checkpoint without
-    `allow_pickle`)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # stderr carries cwa's own progress, not loader bars
-    hf_logging.set_verbosity_error()
+    `allow_pickle`, an unknown --device-map)."""
+    _library_output()
     dev = resolve_device(device)
-    dtype_name, tdtype = resolve_dtype(dtype, dev)
+    check_dtype(dtype)
+    device_map = resolve_device_map(device_map)
     src = _locate(model, revision)
     tok, config = _tokenizer_and_config(src, model, trust_remote_code)
     if src.kind == "hub" and src.folder is None:  # downloaded just now (online): resolve again
-        found = hub_snapshot(src.name, revision)
+        found = hub_snapshot(src.name, src.revision)
         if found:
             src.commit, src.folder = found
             src.revision = src.commit
+    stored = "float32" if src.gguf is not None else stored_dtype(config, src.folder)
+    dtype_name, tdtype = resolve_dtype(dtype, dev, stored)
 
     kwargs: dict[str, Any] = {"dtype": tdtype, "trust_remote_code": trust_remote_code}
     kwargs.update(_weight_kwargs(src, allow_pickle))
     if src.revision:
         kwargs["revision"] = src.revision
+    if src.local_only:
+        # adapter_kwargs: transformers looks for an adapter_config.json with its own hub
+        # options, which do not inherit local_files_only (a request, retried, per load)
+        kwargs.update(local_files_only=True, adapter_kwargs={"local_files_only": True})
     if second_order:
         kwargs["attn_implementation"] = "eager"
     if device_map:
         kwargs["device_map"] = device_map
     loader = _loader(src, model, kwargs, dev, device_map)
-    handle = LoadedModel(loader, tok, config, src.name, _source_fingerprint(src), dtype_name, dev,
-                         revision, src.kind, commit=src.commit, checkpoint=src.folder)
+    fingerprint, late = _source_fingerprint(src), None
+    if src.adapter is not None:
+        adapter_file = _adapter_weights(src, allow_pickle)
+        loader = _adapter_loader(loader, src, dev, device_map)
+        fingerprint = None if fingerprint is None else adapter_fingerprint(src.adapter, fingerprint, adapter_file)
+        late = lambda m: adapter_fingerprint(  # noqa: E731 - the base was downloaded on load
+            src.adapter, _weights_fingerprint(m, src.folder, src.commit, adapter=True), adapter_file)
+    handle = LoadedModel(loader, tok, config, src.adapter_arg or src.name, fingerprint, dtype_name, dev,
+                         revision, "peft" if src.adapter is not None else src.kind, commit=src.commit,
+                         checkpoint=src.folder, late_fingerprint=late)
     if not lazy:
         handle.model  # noqa: B018 - load now
     return handle
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(device_map: str | None) -> str | None:
+    """A --device-map strategy of accelerate's, checked before anything is read; accelerate
+    must be installed for it."""
+    if device_map is None:
+        return None
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(
+            f"--device-map {device_map!r}: choose one of {', '.join(DEVICE_MAPS)} "
+            "(for one device use --device)"
+        )
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise CwaError(
+            f"--device-map {device_map}: needs the 'accelerate' package "
+            "(pip install accelerate, or pip install 'cwa[distributed]')"
+        ) from None
+    return device_map
+
+
+def _weights_fingerprint(m, folder: Path | None, commit: str | None, adapter: bool = False) -> str:
+    """Fingerprint of the files in `folder`, else of the loaded weights (`model_fingerprint`;
+    for a merged adapter that would hash the merge, so the base's files are required)."""
+    fp = checkpoint_fingerprint(folder, commit) if folder is not None else None
+    if fp is None and adapter:
+        raise CwaError("--model: the PEFT adapter's base model has no weight files to fingerprint")
+    return fp or model_fingerprint(m, commit=commit)
+
+
+def _library_output() -> None:
+    """transformers', datasets' and the hub's own progress bars and log lines stay off
+    stderr (it carries cwa's progress) unless --verbose."""
+    from transformers.utils import logging as hf_logging
+
+    if library_progress():
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def library_progress() -> bool:
+    """Whether the libraries' progress bars may show: with --verbose, not with --quiet."""
+    from cwa import console
+
+    return bool(getattr(console, "_verbose", False)) and not console.is_quiet()
 
 
 def _loader(
@@ -222,11 +381,12 @@ def _loader(
         try:
             # ignore_mismatched_sizes: transformers would raise a RuntimeError that points at
             # a log report cwa silences; the shapes are checked (and named) just below.
-            m, info = AutoModelForCausalLM.from_pretrained(
-                src.load_from, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-            )
+            with _gguf_bar_off(src):
+                m, info = AutoModelForCausalLM.from_pretrained(
+                    src.load_from, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+                )
         except Exception as e:  # SafetensorError, UnpicklingError (refused .bin pickles), ...
-            raise CwaError(_load_error(model, src.kind, e)) from None
+            raise CwaError(_load_error(model if src.adapter is None else src.name, src.kind, e)) from None
         _check_complete(src.name, info)
         if not device_map:
             m.to(dev)
@@ -238,6 +398,148 @@ def _loader(
     return loader
 
 
+@contextlib.contextmanager
+def _gguf_bar_off(src: _Source):
+    """transformers de-quantizes a GGUF under a tqdm bar of its own (`tqdm.auto`, which its
+    `disable_progress_bar` does not reach): switched off for the load unless --verbose."""
+    if src.gguf is None or library_progress():
+        yield
+        return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+# --------------------------------------------------------------------------- PEFT adapters
+
+ADAPTER_CONFIG = "adapter_config.json"
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _adapter_base(adapter_dir: Path) -> dict:
+    """adapter_config.json as a dict ({} when it cannot be read)."""
+    try:
+        d = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _locate_adapter(path: Path, model: str) -> _Source:
+    """The base model of PEFT adapter directory `path`, located like any --model value, with
+    the adapter attached."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise CwaError(
+            f"--model {model}: is a PEFT adapter ({ADAPTER_CONFIG}); loading it needs the 'peft' "
+            "package (pip install 'cwa[peft]')"
+        ) from None
+    acfg = _adapter_base(path)
+    base = acfg.get("base_model_name_or_path")
+    if not acfg:
+        raise CwaError(f"--model {model}: {ADAPTER_CONFIG} is not a readable JSON object")
+    if not isinstance(base, str) or not base.strip():
+        raise CwaError(
+            f"--model {model}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
+            "set it to the base model's hub id or directory"
+        )
+    is_path = Path(base).exists() or _looks_like_path(base) or base in _EMBEDDED_NAMES
+    rev = acfg.get("revision") if not is_path and isinstance(acfg.get("revision"), str) else None
+    try:
+        src = _locate(base, rev or None)
+    except CwaError as e:
+        raise type(e)(f"--model {model}: its base model {base} ({ADAPTER_CONFIG}) cannot be used: {e}") from None
+    if src.adapter is not None:
+        raise CwaError(f"--model {model}: its base model {base} is itself an adapter; merge that one first")
+    src.adapter, src.adapter_arg = path, model
+    return src
+
+
+def _adapter_weights(src: _Source, allow_pickle: bool) -> Path:
+    """The adapter's weight file: safetensors, or a pickle only with `allow_pickle` (which
+    peft then reads with `torch.load(weights_only=True)`)."""
+    st, pk = (src.adapter / n for n in _ADAPTER_WEIGHTS)
+    if st.is_file():
+        return st
+    if pk.is_file() and not allow_pickle:
+        raise UsageError(
+            f"--model {src.adapter_arg}: the adapter holds only a pickle ({pk.name}); cwa never "
+            "unpickles files: save it with safetensors (save_pretrained(dir)) or pass --allow-pickle"
+        )
+    if pk.is_file():
+        return pk
+    raise CwaError(f"--model {src.adapter_arg}: the adapter has no weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+
+
+def _adapter_loader(base_loader: Callable[[], Any], src: _Source, dev: str, device_map: str | None):
+    """Load the base, apply the adapter with peft, check that every key fitted, merge."""
+
+    def loader():
+        import warnings
+
+        from peft import PeftConfig, PeftModel
+
+        base = base_loader()
+        name = src.adapter_arg
+        try:
+            with warnings.catch_warnings():
+                if not library_progress():
+                    warnings.simplefilter("ignore")  # peft's notes (fan_in_fan_out, ...) stay off stderr
+                pcfg = PeftConfig.from_pretrained(str(src.adapter))
+                pm = PeftModel(base, pcfg)
+                res = pm.load_adapter(str(src.adapter), "default", is_trainable=False)
+        except Exception as e:  # ValueError (an unknown target module), KeyError, SafetensorError, ...
+            raise CwaError(f"--model {name}: cannot apply the PEFT adapter ({_first_line(e)[:200]})") from None
+        unexpected = sorted(getattr(res, "unexpected_keys", None) or ())
+        missing = sorted(getattr(res, "missing_keys", None) or ())
+        if unexpected or missing:
+            what = [f"{len(unexpected)} adapter weight(s) fit no layer of the base: {_few(unexpected)}"] if unexpected else []
+            what += [f"{len(missing)} adapter weight(s) are missing: {_few(missing)}"] if missing else []
+            raise CwaError(f"--model {name}: " + "; ".join(what) + "; the adapter does not belong to this base model")
+        try:
+            m = pm.merge_and_unload()
+        except Exception as e:  # prompt-learning adapters have no weights to merge
+            raise CwaError(
+                f"--model {name}: its adapter ({pcfg.peft_type}) cannot be merged into the weights "
+                f"({_first_line(e)[:200]}); cwa scores weights, so it needs a weight adapter such as LoRA"
+            ) from None
+        if not device_map:
+            m.to(dev)
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
+
+    return loader
+
+
+def adapter_fingerprint(adapter_dir: Path, base_fingerprint: str, weights: Path) -> str:
+    """Fingerprint of base + adapter: the base model's fingerprint, the adapter's weight file
+    (its safetensors header and the SHA-256 of its content) and adapter_config.json."""
+    h = hashlib.sha256(f"{FINGERPRINT_VERSION}|peft|base={base_fingerprint}\n".encode())
+    if weights.suffix == ".safetensors":
+        for name, (shape, dtype) in sorted(_safetensors_header(weights).items()):
+            h.update(f"{name}|{shape}|{dtype}\n".encode())
+    h.update(f"file={weights.name}|sha256={_file_hash(weights)}\n".encode())
+    h.update(f"{ADAPTER_CONFIG}|sha256={_file_hash(adapter_dir / ADAPTER_CONFIG)}\n".encode())
+    return h.hexdigest()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _source_fingerprint(src: _Source) -> str | None:
     """The checkpoint's fingerprint: of the `.gguf` file, or of the folder's weights."""
     if src.gguf is not None:
@@ -247,7 +549,7 @@ def _source_fingerprint(src: _Source) -> str | None:
 
 def _locate(model: str | None, revision: str | None) -> _Source:
     """Classify the --model value and check it exists; hub ids are resolved in the cache."""
-    if model is None or model in ("embedded", "cwa-embedded-gpt2"):
+    if model is None or model in _EMBEDDED_NAMES:
         from cwa import assets
 
         _no_revision(revision, model or "embedded", "the embedded model")
@@ -270,9 +572,11 @@ def _locate(model: str | None, revision: str | None) -> _Source:
             raise CwaError(f"--model {model}: expected a model directory (HF format) or a .gguf file")
         _no_revision(revision, model, "a local directory")
         if not (path / "config.json").is_file():
+            if (path / ADAPTER_CONFIG).is_file():
+                return _locate_adapter(path, model)
             raise CwaError(
                 f"--model {model}: not a model directory (no config.json); pass a directory "
-                "saved with save_pretrained, a hub id or a .gguf file"
+                "saved with save_pretrained, a PEFT adapter directory, a hub id or a .gguf file"
             )
         return _Source("local", model, str(path), path)
     if _looks_like_path(model):
@@ -289,15 +593,32 @@ def _no_revision(revision: str | None, model: str, what: str) -> None:
 
 
 def _locate_hub(model: str, revision: str | None) -> _Source:
-    """The cached snapshot of `revision`; offline, a revision that is not cached is an error
-    (a UsageError when the repository is cached and the name is simply not one of its refs)."""
-    found = hub_snapshot(model, revision)
-    if found:
-        commit, snap = found
-        return _Source("hub", model, model, snap, revision=commit, commit=commit)
+    """The cached snapshot of `revision`, read without a request when it holds everything
+    (`local_files_only`); else the hub, after one quick check that it answers. Offline, a
+    revision that is not cached is an error (a UsageError when the repository is cached and
+    the name is simply not one of its refs)."""
     from huggingface_hub import constants
 
-    if not constants.HF_HUB_OFFLINE:
+    found = hub_snapshot(model, revision)
+    offline = bool(constants.HF_HUB_OFFLINE)
+    if found:
+        commit, snap = found
+        if not (snap / "config.json").is_file() and (snap / ADAPTER_CONFIG).is_file():
+            return _locate_adapter(snap, model)  # a cached PEFT adapter repository
+        missing = snapshot_missing(snap)
+        if not missing:  # read as a local directory: no hub call at all, not even to build headers
+            return _Source("hub", model, str(snap), snap, commit=commit)
+        lacks = f"its cached snapshot {commit[:12]} lacks {_few(missing)}"
+        if not offline:
+            _check_hub(model, commit, lacks)
+        elif missing != ["a tokenizer file"]:  # (a tokenizer of a kind not listed may be there)
+            raise CwaError(
+                f"--model {model}: it is not available offline: {lacks} — download it first "
+                f"(hf download {model}) or pass a local directory"
+            )
+        return _Source("hub", model, model, snap, revision=commit, commit=commit, local_only=offline)
+    if not offline:
+        _check_hub(model, revision, "it is not in the local cache")
         return _Source("hub", model, model, None, revision=revision)  # transformers downloads it
     refs = hub_refs(model)
     if revision is not None and refs is not None:
@@ -311,6 +632,84 @@ def _locate_hub(model: str, revision: str | None) -> _Source:
         f"--model {model}: it is not available offline{at} — download it first "
         f"(hf download {model}) or pass a local directory"
     )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def snapshot_missing(folder: Path) -> list[str]:
+    """What a hub snapshot lacks of what loading reads: config.json, a tokenizer file, the
+    weight files (every shard an index names); [] when it is complete."""
+    out = [] if (folder / "config.json").is_file() else ["config.json"]
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        out.append("a tokenizer file")
+    try:
+        _, files = weight_files(folder)
+    except CwaError:  # a corrupt index: the load says so
+        return out
+    if not files:
+        out.append("its weights (model.safetensors)")
+    out += [f.name for f in files if not f.is_file()]
+    return out
+
+
+def snapshot_complete(folder: Path) -> bool:
+    return not snapshot_missing(folder)
+
+
+def hub_check(repo_id: str, filename: str, *, repo_type: str | None = None,
+              revision: str | None = None) -> tuple[str, str] | None:
+    """One HEAD request for `filename` of a hub repository, without retries (huggingface_hub's
+    retries of an unreachable hub take minutes): None when the hub answers with the file (or
+    without it: the loader then says what is missing), else (kind, detail) with kind one of
+    unreachable, missing, gated, revision, http."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision)
+        get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except GatedRepoError:
+        return "gated", "it is gated: accept its terms on the hub and log in (hf auth login)"
+    except RevisionNotFoundError:
+        return "revision", "the hub has no branch, tag or commit of that name"
+    except RepositoryNotFoundError:
+        return "missing", "the hub has no such repository (or it is private: log in with hf auth login)"
+    except EntryNotFoundError:
+        return None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        return "http", f"the hub answered HTTP {status}" if status else f"the hub failed ({_first_line(e)[:120]})"
+    except Exception as e:  # httpx.ConnectError / TimeoutException, OSError, ValueError (a bad id), ...
+        if type(e).__name__ in ("HFValidationError",):
+            return "missing", f"not a valid hub id ({_first_line(e)[:120]})"
+        return "unreachable", f"{type(e).__name__}: {_first_line(e)[:120]}"
+    return None
+
+
+def _check_hub(model: str, revision: str | None, why: str) -> None:
+    """Fail at once, with one line, when the hub cannot give what is not cached."""
+    from huggingface_hub import constants
+
+    got = hub_check(model, "config.json", revision=revision)
+    if got is None:
+        return
+    kind, detail = got
+    if kind == "revision":
+        raise UsageError(f"--revision {revision}: {model} has no branch, tag or commit of that name")
+    if kind == "unreachable":
+        raise CwaError(
+            f"--model {model}: {why} and the hub ({constants.ENDPOINT}) cannot be reached ({detail}); "
+            f"download it where there is a network (hf download {model}), point HF_HOME at a cache "
+            "that holds it, or pass a local directory"
+        )
+    raise CwaError(f"--model {model}: {why} and {detail}")
 
 
 def _hub_repo_dir(repo_id: str) -> Path:
@@ -363,14 +762,20 @@ def _tokenizer_and_config(src: _Source, model: str | None, trust_remote_code: bo
             kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
             if src.revision:
                 kw["revision"] = src.revision
-            tok = AutoTokenizer.from_pretrained(src.load_from, **kw)
+            if src.local_only:
+                kw["local_files_only"] = True
             config = AutoConfig.from_pretrained(src.load_from, **kw)
+            if src.adapter is not None and any((src.adapter / f).is_file() for f in _TOKENIZER_FILES):
+                # an adapter saved with its tokenizer (e.g. tokens added in fine-tuning) uses that one
+                tok = AutoTokenizer.from_pretrained(str(src.adapter), trust_remote_code=trust_remote_code)
+            else:
+                tok = AutoTokenizer.from_pretrained(src.load_from, **kw)
     except Exception as e:  # the loaders raise many types (OSError, ValueError, SafetensorError, ...)
         if type(e).__name__ == "RevisionNotFoundError":  # online, and the hub has no such revision
             raise UsageError(
                 f"--revision {src.revision}: {src.name} has no branch, tag or commit of that name"
             ) from None
-        raise CwaError(_load_error(model, src.kind, e)) from None
+        raise CwaError(_load_error(model if src.adapter is None else src.name, src.kind, e)) from None
     return tok, config
 
 
@@ -467,7 +872,9 @@ def _looks_like_path(model: str) -> bool:
 
 
 def _load_error(model: str | None, source: str, e: Exception) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """One line naming the real cause; the "not available offline" hint only for an error
+    that is about files missing from the local cache or an unreachable hub."""
+    msg = _first_line(e)
     if "custom code" in msg or "trust_remote_code" in msg:
         return (
             f"--model {model}: its code would have to run to load it; pass --trust-remote-code "
@@ -475,12 +882,28 @@ def _load_error(model: str | None, source: str, e: Exception) -> str:
         )
     if "Weights only load failed" in msg:  # torch.load(weights_only=True) refused a pickle
         msg = "its .bin checkpoint holds pickled objects that are not plain tensors; cwa never unpickles them"
-    if source == "hub":
+    if source == "hub" and _is_cache_miss(e):
         return (
             f"--model {model}: cannot load it ({msg[:200]}); it is not available offline — "
-            "download it first (hf download) or pass a local directory"
+            f"download it first (hf download {model}) or pass a local directory"
         )
     return f"--model {model or 'embedded'}: cannot load it ({msg[:200]})"
+
+
+_CACHE_MISS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectTimeout",
+               "TimeoutException", "ConnectionError")
+_CACHE_MISS_TEXT = ("couldn't connect", "offline mode", "local_files_only", "cached files", "local cache")
+
+
+def _is_cache_miss(e: BaseException) -> bool:
+    """A file the cache does not hold and the hub could not give (transformers words it as
+    an OSError; the cause chain carries huggingface_hub's error)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if type(e).__name__ in _CACHE_MISS or any(t in str(e).lower() for t in _CACHE_MISS_TEXT):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 # --------------------------------------------------------------------------- fingerprints

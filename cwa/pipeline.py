@@ -2,7 +2,7 @@
 experiment directory of the SPEC:
 
     OUT/experiment_manifest.json  config.json  sensitivity_stats.json  top_weights.csv
-        control_baselines.json  perturbation_results.json  stability_results.json
+        control_baselines.json  perturbation_results.json  stability_results.json  report.html
         artifacts/  plots/
 
 Per seed: score -> rank (each K) -> controls (each K) -> perturb (each K); then the
@@ -70,6 +70,9 @@ class RunConfig:
     score_dtype: str = "float32"
     include: list[str] | None = None
     exclude: list[str] | None = None
+    eval_tasks: list[str] | None = None  # lm-eval tasks (cwa.tasks); a comma list is split
+    eval_tasks_path: str | None = None
+    eval_tasks_limit: int | None = None
     force: bool = False
     verbose: bool = False
 
@@ -87,6 +90,10 @@ class RunConfig:
         self.controls = list(self.controls)
         if self.out_dir is not None:
             self.out_dir = Path(self.out_dir)
+        if isinstance(self.eval_tasks, str):
+            self.eval_tasks = [x.strip() for x in self.eval_tasks.split(",") if x.strip()]
+        if self.eval_tasks_path is not None:
+            self.eval_tasks_path = str(self.eval_tasks_path)
 
 
 def _int_list(v: Any, flag: str) -> list[int]:
@@ -137,6 +144,13 @@ def default_out_dir(cfg: RunConfig) -> Path:
     return Path("outputs") / f"{model_label(cfg.model.model)}_{cfg.metric}_k{k}"
 
 
+def _tasks(cfg: RunConfig):
+    """The lm-eval task options of the run (`cwa.tasks.TaskEval`), or None."""
+    from cwa.tasks import task_eval
+
+    return task_eval(cfg.eval_tasks, cfg.eval_tasks_path, cfg.eval_tasks_limit)
+
+
 def _ksuf(cfg: RunConfig, k: int) -> str:
     return f"_k{k}" if len(cfg.topk) > 1 else ""
 
@@ -168,6 +182,9 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> Path:
         "removed_stale": removed,
     }
     A.write_json(out / "experiment_manifest.json", _manifest(r, this_run, previous, plots))
+    from cwa.report import write_run_report
+
+    log(write_run_report(out))  # report.html, read back from what the run wrote; the headline on stderr
     return out
 
 
@@ -193,6 +210,11 @@ def _resolved(cfg: RunConfig) -> tuple[RunConfig, bool]:
     C.check_draws(cfg.control_draws)
     C.check_score_dtype(cfg.score_dtype, METRICS.get(cfg.metric))
     cfg.data.validate()
+    tasks = _tasks(cfg)
+    if tasks is not None:
+        if cfg.perturb == "none":
+            raise UsageError("--eval-tasks with --perturb none: tasks are evaluated by the perturb stage; drop one")
+        tasks.check()  # unknown task names fail here, before any work
     stability = cfg.stability_check if cfg.stability_check is not None else len(cfg.seeds) > 1
     if stability and len(cfg.seeds) < 2:
         log("note: --stability-check needs two or more seeds; skipped with one seed")
@@ -258,6 +280,7 @@ class _Run:
             r = perturb_stage(
                 self.lm, cfg.data, sels, method=cfg.perturb, scale=cfg.perturb_scale, prob=cfg.perturb_prob,
                 bit=cfg.bit, seed=seed, output=self.art / f"perturb_seed{seed}{suf}.h5", force=cfg.force,
+                tasks=_tasks(cfg),
             )
             self.perturb[seed, k] = self.record("perturb", seed, k, r)
 
@@ -441,11 +464,13 @@ def _data_fingerprints(scores_paths: dict[int, Path], perturb_paths: dict) -> di
     return d
 
 
-def _load_dtype(cfg: RunConfig) -> str:
-    """The dtype name the model will be loaded in (resolved without loading it)."""
-    from cwa.models import resolve_device, resolve_dtype
+def _load_dtype(cfg: RunConfig) -> str | None:
+    """The dtype name the model will be loaded in (resolved without loading it; None when
+    `auto` needs a config that is not downloaded yet: the perturb stage checks again)."""
+    from cwa.models import planned_dtype
 
-    return resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))[0]
+    m = cfg.model
+    return planned_dtype(None if m.model is None else str(m.model), m.revision, m.dtype, m.device)
 
 
 def _perturbation_report(cfg: RunConfig, perturb_paths: dict[tuple[int, int], Path]) -> dict[str, Any]:
@@ -464,6 +489,8 @@ def _perturbation_report(cfg: RunConfig, perturb_paths: dict[tuple[int, int], Pa
         rep["summary_by_k"] = {str(k): docs[s0, k]["summary"] for k in cfg.topk if (s0, k) in docs}
     rep["method"] = cfg.perturb
     rep["eval_windows"] = docs[s0, k0].get("eval_windows")
+    if "task_eval" in docs[s0, k0]:  # lm-eval tasks (cwa.tasks): what was evaluated
+        rep["task_eval"] = docs[s0, k0]["task_eval"]
     return rep
 
 
@@ -516,20 +543,49 @@ def _versions() -> dict[str, Any]:
     import importlib.metadata as md
 
     v: dict[str, Any] = {"python": sys.version.split()[0]}
-    for pkg in ("cwa", "torch", "transformers", "tokenizers", "safetensors", "h5py", "numpy"):
+    for pkg in ("cwa", "torch", "transformers", "tokenizers", "safetensors", "h5py", "numpy", "lm_eval"):
         try:
             v[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             v[pkg] = None
-    try:
-        freeze = subprocess.run(
-            [sys.executable, "-m", "pip", "freeze", "--disable-pip-version-check"],
-            capture_output=True, text=True, timeout=60,
-        )
-        v["pip_freeze"] = freeze.stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        v["pip_freeze"] = None
+    v["pip_freeze"] = pip_freeze()
     return v
+
+
+def pip_freeze() -> list[str]:
+    """The installed distributions as sorted `name==version` lines, like `pip freeze`, read
+    with `importlib.metadata` (no subprocess, works where pip is not installed). Unlike pip
+    freeze, pip, setuptools and wheel are listed too. A distribution found twice on the
+    path is listed once (the first, the one Python imports). One installed from a
+    directory, editable or not, or from a VCS gets its source as a requirements comment:
+    `cwa==0.1.0  # editable, file:///src/cwa`, `pkg==1.0  # git+https://...@<commit>`."""
+    import importlib.metadata as md
+    import json
+    import re
+
+    seen: dict[str, str] = {}
+    for dist in md.distributions():
+        name = dist.metadata["Name"] if dist.metadata is not None else None
+        if not name:
+            continue
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        line = f"{name}=={dist.version}"
+        try:
+            direct = json.loads(dist.read_text("direct_url.json") or "null")
+        except (OSError, ValueError):
+            direct = None
+        if isinstance(direct, dict) and direct.get("url"):
+            vcs = direct.get("vcs_info") or {}
+            if (direct.get("dir_info") or {}).get("editable"):
+                line += f"  # editable, {direct['url']}"
+            elif vcs:
+                line += f"  # {vcs.get('vcs', 'vcs')}+{direct['url']}@{vcs.get('commit_id', '?')}"
+            else:
+                line += f"  # {direct['url']}"
+        seen[key] = line
+    return [seen[k] for k in sorted(seen)]
 
 
 def cwa_commit() -> str | None:

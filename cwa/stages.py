@@ -97,6 +97,7 @@ class DataOptions:
     eval_samples: int = 32
     seq_len: int | None = None
     batch_size: int = 8
+    text_field: str | None = None  # the record field that holds the text (default "text")
 
     def validate(self) -> None:
         C.check_positive("--batch-size", self.batch_size)
@@ -120,6 +121,7 @@ class DataOptions:
             data_seed=seed if self.data_seed is None else self.data_seed,
             need_calib=calib,
             need_eval=evaluation,
+            text_field=self.text_field,
         )
 
 
@@ -226,7 +228,7 @@ def _input_files(*, paths=(), lm=None, data=None) -> list[Path]:
 
 
 def _model_path(lm) -> Path | None:
-    if lm.source in ("local", "gguf"):
+    if lm.source in ("local", "gguf", "peft"):  # peft: the adapter directory
         return Path(lm.name)
     if lm.source == "embedded":
         from cwa.models import embedded_dir
@@ -329,7 +331,9 @@ def _plan_score(lm, data: DataOptions, metric: str, seed: int, mc_samples: int, 
     # The seed is always part of it: scores carry their seed (`cwa.seed`), and every
     # selection made from them compares its controls by that seed, so the artifact of
     # seed 0 must never stand in for seed 5, even where the numbers coincide (magnitude).
-    fp = A.stage_fingerprint("score", model=lm.fingerprint, data=data_fp, metric=name, seed=seed, options=opts,
+    # dtype: the model's load dtype changes the numbers (artifacts stay compatible: the model
+    # fingerprint ignores it), so a float32 result never stands in for a bfloat16 run
+    fp = A.stage_fingerprint("score", model=lm.fingerprint, dtype=lm.dtype, data=data_fp, metric=name, seed=seed, options=opts,
                              **({"rng": RNG_VERSION} if cls.stochastic else {}))
     return _ScorePlan(name, cls, calib, opts, fp, mopts)
 
@@ -488,8 +492,7 @@ def rank_stage(
     """The exact top-K of the scores (see `cwa.ranking`) with their statistics; value:
     a `Selection` (kind topk) whose `doc["stats"]` holds the statistics and `arrays` the
     histograms. `csv` writes top_weights.csv (values from `lm`), `stats` the statistics."""
-    from cwa.ranking import sensitivity_stats
-    from cwa.ranking import topk as rank_topk
+    from cwa.ranking import rank_with_stats
 
     t0 = time.perf_counter()
     C.check_topk(topk)
@@ -508,8 +511,7 @@ def rank_stage(
     if out is not None and not force and A.cached(out, fp, A.h5_fingerprint_of) and (
         csv is None or csv.exists()) and (stats is None or stats.exists()):
         return _done(out, fp, True, t0, load=lambda: A.read_selection(out))
-    sel = rank_topk(sc, topk, mode=mode, rank_by=rank_by, seed=seed)
-    st, hist = sensitivity_stats(sc, sel)
+    sel, st, hist = rank_with_stats(sc, topk, mode=mode, rank_by=rank_by, seed=seed)
     sel.fingerprint, sel.provenance, sel.doc = fp, _provenance(sc), {"stats": st}
     sel.arrays = {f"stats/{k}": v for k, v in hist.items() if v is not None}
     sel.model = lm if lm is not None else sc.model
@@ -579,6 +581,7 @@ def control_stage(
         ref=ref_fp, draws=draws if ctl.stochastic else None, seed=seed if ctl.stochastic else None,
         **({"rng": RNG_VERSION} if ctl.stochastic else {}),
         model=lm.fingerprint if ctl.needs_weights else None,
+        **({"dtype": lm.dtype} if ctl.needs_weights else {}),
     )
     out = _output(output, kind, fp, ".h5")
     guard_outputs({"-o": out}, _paths_of(sc, *([ref_sel] if ref_sel is not None else [])))
@@ -678,9 +681,11 @@ def _condition(plan: _PerturbPlan, sel, si: int, d: int, draw, rec, m: dict, bas
     }
 
 
-def _run_conditions(lm, ev, sels: list, plan: _PerturbPlan, batch_size: int):
+def _run_conditions(lm, ev, sels: list, plan: _PerturbPlan, batch_size: int, tasks=None):
     """Evaluate the baseline, then every draw of every selection perturbed and restored.
-    Returns (baseline metrics, conditions, arrays, per-window NLL [conditions, windows])."""
+    Returns (baseline metrics, conditions, arrays, per-window NLL [conditions, windows]).
+    `tasks` (a `cwa.tasks.TaskRunner`) also evaluates lm-eval tasks on the baseline and on
+    every condition, inside the same perturbed window (`tasks` in their records)."""
     import numpy as np
 
     from cwa.evaluation import evaluate
@@ -694,6 +699,8 @@ def _run_conditions(lm, ev, sels: list, plan: _PerturbPlan, batch_size: int):
     with progress("perturb", (n_cond + 1) * len(ev)) as adv:
         base = evaluate(lm.model, ev, batch_size=batch_size, keep_baseline=True, progress=adv)
         try:
+            if tasks is not None:  # inside the try: a failing task still frees the kept baseline
+                base.metrics["tasks"] = tasks()
             arrays["baseline/per_window_nll"] = base.per_window_nll
             for si, sel in enumerate(sels):
                 params = [named[n] for n in sel.params]
@@ -703,8 +710,11 @@ def _run_conditions(lm, ev, sels: list, plan: _PerturbPlan, batch_size: int):
                     with perturbed(params, draw, plan.method, scale=plan.scale, prob=plan.prob, bit=plan.bit,
                                    seed=plan.seed, draw_index=len(conditions)) as rec:
                         res = evaluate(lm.model, ev, batch_size=batch_size, baseline=base.baseline, progress=adv)
+                        task_metrics = tasks() if tasks is not None else None
                     i = len(conditions)
                     conditions.append(_condition(plan, sel, si, d, draw, rec, res.metrics, base.metrics))
+                    if task_metrics is not None:
+                        conditions[-1]["tasks"] = task_metrics
                     arrays[f"conditions/{i}/per_window_nll"] = res.per_window_nll
                     per_window.append(res.per_window_nll)
                     if getattr(rec, "bits", None) is not None:
@@ -725,7 +735,8 @@ def _results(lm, ev, sels, plan, fp, base, conditions, arrays, per_window) -> A.
     names = [_label(s, "selection") for s in sels]
     summary = summarize(conditions, {"baseline": base.per_window_nll, "conditions": per_window})
     doc = {
-        "baseline": {k: base.metrics[k] for k in ("nll", "perplexity", "token_accuracy", "bits_per_byte", "n_tokens")},
+        "baseline": {k: base.metrics[k] for k in ("nll", "perplexity", "token_accuracy", "bits_per_byte", "n_tokens",
+                                                   "tasks") if k in base.metrics},
         "conditions": conditions, "summary": summary, "metric": sels[0].metric, "model": lm.name,
         "model_fingerprint": lm.fingerprint, "eval_data": ev.source, "eval_windows": ev.indices,
         "selections": names,
@@ -752,9 +763,16 @@ def perturb_stage(
     output: PathLike | None = None,
     json_path: PathLike | None = None,
     force: bool = False,
+    save_model: PathLike | None = None,
+    condition: str | None = None,
+    tasks: Any = None,
 ) -> StageResult:
     """Perturb every draw of every selection (objects or files), evaluate, restore bit
-    for bit (see `cwa.perturbation`, `cwa.evaluation`); value: `Results`."""
+    for bit (see `cwa.perturbation`, `cwa.evaluation`); value: `Results`. `save_model`
+    (a new directory) also writes condition `condition` as a Hugging Face checkpoint
+    (`cwa.export`), recorded in the results under `saved_models`. `tasks` (a
+    `cwa.tasks.TaskEval`) also evaluates lm-eval tasks on the baseline and every condition
+    (`tasks` in their records, `task_eval` in the results)."""
     from cwa.evaluation import EVAL_VERSION
 
     t0 = time.perf_counter()
@@ -766,25 +784,64 @@ def perturb_stage(
         _check_model(lm, sel.provenance.get("model_fingerprint", ""), _label(sel, "selection"))
     ev = data.split(lm, seed=seed, calib=False, evaluation=True).evaluation
     fp = A.stage_fingerprint("perturb", selections=[s.fingerprint for s in sels], model=lm.fingerprint,
-                             data=ev.fingerprint, method=plan.method, **_perturb_fp_options(plan),
-                             version=EVAL_VERSION)
+                             dtype=lm.dtype, data=ev.fingerprint, method=plan.method, **_perturb_fp_options(plan),
+                             version=EVAL_VERSION, **({} if tasks is None else {"tasks": tasks.fingerprint(plan.seed)}))
     out = _output(output, "perturb", fp, ".h5")
     json_path = None if json_path is None else Path(json_path)
     guard_outputs({"-o": out, "--json": json_path}, _input_files(paths=_paths_of(*sels), lm=lm, data=data))
+    export = _plan_export(lm, sels, save_model, condition, (out, json_path))
     if out is not None and not force and A.cached(out, fp, A.h5_fingerprint_of):
         res = A.read_results(out)
+        if export is not None:  # the cached condition is saved now, and recorded in the results
+            _save_condition(lm, sels, plan, res, export, out)
+            res.save(out)
         if json_path is not None:  # cheap, and never leaves a stale JSON beside a cache hit
             A.write_json(json_path, res.doc)
+        _log_tasks(res)
         return _done(out, fp, True, t0, res)
     shapes = {n: tuple(p.shape) for n, p in _named_params(lm.model).items()}
     for sel in sels:  # before any evaluation (not on a cache hit: no model load)
         _check_fits(sel, shapes, "the model")
-    res = _results(lm, ev, sels, plan, fp, *_run_conditions(lm, ev, sels, plan, data.batch_size))
+    runner = None if tasks is None else tasks.runner(lm, batch_size=data.batch_size, seed=plan.seed)
+    res = _results(lm, ev, sels, plan, fp, *_run_conditions(lm, ev, sels, plan, data.batch_size, runner))
+    if runner is not None:
+        from cwa.tasks import attach
+
+        attach(res.doc, tasks, runner, plan.seed)
+    if export is not None:
+        _save_condition(lm, sels, plan, res, export, out)
     if out is not None:
         res.save(out, json_path)
     elif json_path is not None:
         A.write_json(json_path, res.doc)
+    _log_tasks(res)
     return _done(out, fp, False, t0, res)
+
+
+def _log_tasks(res) -> None:
+    """The lm-eval task table on stderr, when the results have one (`cwa.tasks.table`)."""
+    if (res.doc.get("baseline") or {}).get("tasks"):
+        from cwa.tasks import table
+
+        for line in table(res.doc):
+            log(line)
+
+
+def _plan_export(lm, sels, save_model, condition, outputs):
+    """`--save-model DIR --condition NAME`, checked before any work (`cwa.export`)."""
+    from cwa.export import plan_export
+
+    return plan_export(lm, sels, save_model, condition, outputs)
+
+
+def _save_condition(lm, sels, plan: _PerturbPlan, res, export, out) -> None:
+    """Write the chosen condition's weights as a Hugging Face checkpoint (`cwa.export`)."""
+    from cwa.export import save_condition
+
+    shapes = {n: tuple(p.shape) for n, p in _named_params(lm.model).items()}
+    for sel in sels:
+        _check_fits(sel, shapes, "the model")
+    save_condition(lm, sels, plan, res, export, results_path=out)
 
 
 def _perturb_fp_options(plan: _PerturbPlan) -> dict[str, Any]:
@@ -812,7 +869,7 @@ def eval_stage(
 
     t0 = time.perf_counter()
     ev = data.split(lm, seed=0, calib=False, evaluation=True).evaluation
-    fp = A.stage_fingerprint("eval", model=lm.fingerprint, data=ev.fingerprint, version=EVAL_VERSION)
+    fp = A.stage_fingerprint("eval", model=lm.fingerprint, dtype=lm.dtype, data=ev.fingerprint, version=EVAL_VERSION)
     out = None if output is None else Path(output) if output != AUTO else A.default_output("eval", fp, ".json")
     guard_outputs({"-o": out}, _input_files(lm=lm, data=data))
     if out is not None and not force and out.exists():

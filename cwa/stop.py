@@ -20,9 +20,11 @@ artifacts) stops at the next bytecode without needing a check, and `finally` blo
 remove temporary files as on Ctrl-C. Only the first signal raises. A second one while
 that stop is being cleaned up is ignored, so it cannot interrupt the removal of a
 temporary file (unless the first exception was discarded by a finalizer: then it raises
-again); a third one exits at once (`os._exit(130)`), for a cleanup that hangs.
+again); a third one exits at once (`os._exit`), for a cleanup that hangs.
 
-SIGTERM raises `Terminated`, SIGINT `KeyboardInterrupt`. `handling()` installs the
+SIGTERM raises `Terminated`, SIGINT `KeyboardInterrupt`; the process then exits with
+`exit_code(signal)` = 128 + the signal number, the shell's convention for a process ended
+by a signal: 143 after SIGTERM, 130 after Ctrl-C. `handling()` installs the
 handlers for the console script (`cwa.cli.main`); without it (library use, `CliRunner`)
 nothing is ever pending and `check_stop()` is a no-op.
 """
@@ -50,6 +52,12 @@ _discarded = False  # the first stop's exception was swallowed by a finalizer
 
 def _exception(signum: int) -> BaseException:
     return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def exit_code(signum: int) -> int:
+    """The exit status after a stop by signal `signum`: 128 + its number (SIGINT 130,
+    SIGTERM 143), what a shell reports for a process the signal ended."""
+    return 128 + int(signum)
 
 
 def pending() -> int | None:
@@ -94,7 +102,7 @@ def _handler(signum, frame) -> None:
     if _count >= FORCE_AFTER:
         with contextlib.suppress(Exception):
             print("error: interrupted again; exiting at once", file=sys.stderr, flush=True)
-        os._exit(130)
+        os._exit(exit_code(_pending))
     # otherwise a stop is already unwinding: let its cleanup finish
 
 

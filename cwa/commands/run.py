@@ -22,8 +22,8 @@ def run_cmd(
     rank_by: O.RankByOpt = None,
     perturb: O.PerturbOpt = "sign_flip",
     perturb_scale: O.ScaleOpt = None,
-    perturb_prob: O.ProbOpt = 1.0,
-    bit: O.BitOpt = "exponent_msb",
+    perturb_prob: O.ProbOpt = None,
+    bit: O.BitOpt = None,
     controls: Annotated[str, typer.Option("--controls", help="Comma list of random_k, bottom_k, layer_matched, magnitude_matched, or none.")] = "random_k,bottom_k",
     control_draws: O.DrawsOpt = 20,
     seeds: Annotated[str, typer.Option("--seeds", help="Comma list of seeds; per-seed stages run once per seed.")] = "0,1,2",
@@ -32,6 +32,7 @@ def run_cmd(
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Output directory (default outputs/{model}_{metric}_k{K}).")] = None,
     data: O.DataOpt = None,
     eval_data: O.EvalDataOpt = None,
+    text_field: O.TextFieldOpt = None,
     data_seed: O.DataSeedOpt = None,
     calib_samples: O.CalibOpt = 32,
     eval_samples: O.EvalSamplesOpt = 32,
@@ -43,6 +44,9 @@ def run_cmd(
     score_dtype: O.ScoreDtypeOpt = "float32",
     include: O.IncludeOpt = None,
     exclude: O.ExcludeOpt = None,
+    eval_tasks: O.EvalTasksOpt = None,
+    eval_tasks_path: O.EvalTasksPathOpt = None,
+    eval_tasks_limit: O.EvalTasksLimitOpt = None,
     dtype: O.DtypeOpt = "auto",
     device: O.DeviceOpt = "auto",
     device_map: O.DeviceMapOpt = None,
@@ -69,12 +73,17 @@ def run_cmd(
 
       cwa run --topk 50,100,200,500 --perturb zero      # K sweep with a dose-response plot
     """
-    from cwa.pipeline import RunConfig, parse_controls, parse_int_list, run
+    from cwa.checks import check_controls, check_perturb_flags
+    from cwa.pipeline import RunConfig, parse_int_list, run
+
+    perturb_prob, bit = check_perturb_flags(perturb, scale=perturb_scale, prob=perturb_prob, bit=bit)
 
     set_verbose(verbose)
+    data_opts = data_options(data, eval_data, data_seed, calib_samples, eval_samples, seq_len, batch_size)
+    data_opts.text_field = text_field
     cfg = RunConfig(
         model=model_options(model, revision, dtype, device, device_map, trust_remote_code, allow_pickle),
-        data=data_options(data, eval_data, data_seed, calib_samples, eval_samples, seq_len, batch_size),
+        data=data_opts,
         metric=metric,
         topk=parse_int_list(topk, "--topk"),
         mode=mode,
@@ -83,7 +92,7 @@ def run_cmd(
         perturb_scale=perturb_scale,
         perturb_prob=perturb_prob,
         bit=bit,
-        controls=parse_controls(controls),
+        controls=check_controls(controls),
         control_draws=control_draws,
         seeds=parse_int_list(seeds, "--seeds"),
         stability_check=stability_check,
@@ -95,6 +104,9 @@ def run_cmd(
         score_dtype=score_dtype,
         include=include,
         exclude=exclude,
+        eval_tasks=eval_tasks,
+        eval_tasks_path=eval_tasks_path,
+        eval_tasks_limit=eval_tasks_limit,
         force=force,
         verbose=verbose,
     )

@@ -16,6 +16,7 @@ def score_cmd(
     metric: O.MetricOpt = "grad_x_weight",
     seed: O.SeedOpt = 0,
     data: O.DataOpt = None,
+    text_field: O.TextFieldOpt = None,
     data_seed: O.DataSeedOpt = None,
     calib_samples: O.CalibOpt = 32,
     seq_len: O.SeqLenOpt = None,
@@ -55,8 +56,11 @@ def score_cmd(
       torchrun --nproc-per-node 4 -m cwa score --model gpt2 --metric hutchinson_diag -o h.safetensors
     """
     from cwa import distributed
+    from cwa.console import set_verbose
     from cwa.metrics import METRICS
     from cwa.stages import score_stage
+
+    set_verbose(verbose)  # before loading: --verbose also shows the libraries' own progress bars
 
     name = METRICS.resolve(metric)
     second = bool(getattr(METRICS.get(name), "second_order", False))
@@ -66,6 +70,7 @@ def score_cmd(
             device = dist.device  # one GPU per rank: cuda:LOCAL_RANK
         lm = model_options(model, revision, dtype, device, device_map, trust_remote_code, allow_pickle).load(second_order=second)
         d = data_options(data, None, data_seed, calib_samples, 32, seq_len, batch_size)
+        d.text_field = text_field
         r = score_stage(
             lm, d, metric=name, seed=seed, mc_samples=mc_samples, hutchinson_samples=hutchinson_samples,
             obd=obd, include=include, exclude=exclude, score_dtype=score_dtype, output=out_path(output), force=force,

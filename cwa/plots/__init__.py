@@ -10,6 +10,10 @@ function                            input
 `dose_response(results)`            `Results` of two or more K
 `stability(st)`                     `Stability`
 `metric_comparison(results)`        `Results` of several metrics (or runs), side by side
+`comparison_dose_response(cmp)`     a `Comparison`: ΔNLL against K per metric, control bands
+`topk_jaccard(cmp)`                 a `Comparison`: the runs' top-K Jaccard matrix
+`topk_location(cmp)`                a `Comparison`: each run's top-K per block / module type
+`headline_table(cmp)`               a `Comparison`: the headline numbers as a table
 `plot_artifacts(paths, out_dir)`    what `cwa plot` does: every figure the files allow, saved
 ==================================  =======================================================
 
@@ -33,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cwa.artifacts import param_group
-    from cwa.plots.comparison import metric_comparison
+    from cwa.plots.comparison import (
+        comparison_dose_response,
+        headline_table,
+        metric_comparison,
+        topk_jaccard,
+        topk_location,
+    )
     from cwa.plots.files import plot_artifacts
     from cwa.plots.perturbation import dose_response, perturbation_effects
     from cwa.plots.selection import layer_comparison, sensitivity_distribution, sensitivity_heatmap
@@ -48,6 +58,10 @@ _WHERE = {
     "dose_response": "cwa.plots.perturbation",
     "stability": "cwa.plots.stability_analysis",
     "metric_comparison": "cwa.plots.comparison",
+    "comparison_dose_response": "cwa.plots.comparison",
+    "topk_jaccard": "cwa.plots.comparison",
+    "topk_location": "cwa.plots.comparison",
+    "headline_table": "cwa.plots.comparison",
     "plot_artifacts": "cwa.plots.files",
     "save": "cwa.plots.style",
     "param_group": "cwa.artifacts",
@@ -55,7 +69,8 @@ _WHERE = {
 
 __all__ = [
     "sensitivity_distribution", "layer_comparison", "sensitivity_heatmap", "perturbation_effects",
-    "dose_response", "stability", "metric_comparison", "plot_artifacts", "save", "param_group",
+    "dose_response", "stability", "metric_comparison", "comparison_dose_response", "topk_jaccard",
+    "topk_location", "headline_table", "plot_artifacts", "save", "param_group",
 ]  # the keys of _WHERE
 
 

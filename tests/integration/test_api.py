@@ -125,6 +125,12 @@ def test_errors_are_cwa_error_types_with_the_cli_wording(env, tmp_path):
         cwa.score(env["lm"], metric="grad_x_wieght")
     with pytest.raises(UsageError, match="--control-draws 0"):
         cwa.control(env["scores"], ref=cwa.rank(env["scores"], topk=3), draws=0)
+    # an option the method does not use is refused, as on the command line (issue 15)
+    top3 = cwa.rank(env["scores"], topk=3)
+    with pytest.raises(UsageError, match="--perturb-prob 0.5: only --perturb bit_flip uses it"):
+        cwa.perturb(env["lm"], [top3], method="zero", prob=0.5, eval_samples=2)
+    with pytest.raises(UsageError, match="--bit sign"):
+        cwa.perturb(env["lm"], [top3], method="sign_flip", bit="sign", eval_samples=2)
     other = cwa.load_model(device="cpu")  # the embedded model: another fingerprint
     with pytest.raises(ArtifactError, match="another model"):
         cwa.perturb(other, [cwa.rank(env["scores"], topk=3)], eval_samples=2)

@@ -11,7 +11,12 @@ from typer.testing import CliRunner
 
 from cwa.cli import app
 
-COMMANDS = ["score", "rank", "control", "perturb", "stability", "plot", "eval", "info", "run"]
+COMMANDS = ["score", "rank", "control", "perturb", "stability", "superweights", "plot", "eval", "info", "run",
+            "compare"]
+
+
+def test_the_command_list_is_every_registered_command():
+    assert sorted(c.name for c in app.registered_commands) == sorted(COMMANDS)
 runner = CliRunner()
 
 

@@ -48,6 +48,37 @@ def _score_all(model_dir, data_dir, out_dir, dist=None, metrics=None):
     return out
 
 
+class _DrawLog:
+    """Records every probe and label draw of `cwa.rng` (rademacher, uniform) as
+    {key: SHA-256 of the values}, key = the call's purpose, indices, shape and offset."""
+
+    def __init__(self):
+        self.draws: dict[str, str] = {}
+
+    def __enter__(self):
+        import hashlib
+
+        from cwa import rng
+
+        self.saved = rng.rademacher, rng.uniform
+
+        def wrap(fn, label):
+            def draw(seed, purpose, *index, shape, offset=0, **kw):
+                out = fn(seed, purpose, *index, shape=shape, offset=offset, **kw)
+                key = f"{label}:{seed}:{purpose}:{index}:{tuple(out.shape)}:{offset}:{out.dtype}"
+                self.draws[key] = hashlib.sha256(out.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+                return out
+            return draw
+
+        rng.rademacher, rng.uniform = wrap(self.saved[0], "rademacher"), wrap(self.saved[1], "uniform")
+        return self
+
+    def __exit__(self, *exc):
+        from cwa import rng
+
+        rng.rademacher, rng.uniform = self.saved
+
+
 def _rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
@@ -82,7 +113,9 @@ def setup(tmp_path_factory):
     for i in range(12):
         (data / f"doc{i:02d}.txt").write_text(make_text(200, 300 + i))
     single = root / "single"
-    _score_all(model, data, single)
+    with _DrawLog() as log:
+        _score_all(model, data, single)
+    (root / "single_draws.json").write_text(json.dumps(log.draws))
     return root, model, data, single
 
 
@@ -98,6 +131,18 @@ def test_two_ranks_gloo_every_metric_equals_single_process(setup, tmp_path):
         assert reports[0]["first"][m] == reports[1]["first"][m] == str(out / f"{m}.safetensors")
     # the second pass over the same outputs is a cache hit on both ranks (rank 0 decides)
     assert all(rep["cached"] for rep in reports)
+    # probes and labels: every draw a rank made is bit-identical to the single process's
+    # draw of the same key (purpose, indices, shape, offset), and the ranks together made
+    # exactly the single process's draws (labels: each window's on the rank that owns it)
+    single_draws = json.loads((root / "single_draws.json").read_text())
+    ranks = [rep["draws"] for rep in reports]
+    assert any(k.startswith("rademacher") for k in single_draws)
+    assert any(":label:" in k for k in single_draws)
+    for draws in ranks:
+        assert draws and all(single_draws.get(k) == v for k, v in draws.items())
+    assert set(ranks[0]) | set(ranks[1]) == set(single_draws)
+    labels = [{k for k in d if ":label:" in k} for d in ranks]
+    assert labels[0] and labels[1] and not labels[0] & labels[1]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no stray temp file
 
 
@@ -256,14 +301,16 @@ def _worker(model_dir: str, data_dir: str, out_dir: str) -> None:
     """Run under torchrun: every metric, strided shards; then again (cache hits)."""
     torch.set_num_threads(1)
     out = Path(out_dir)
-    with distributed.session("cpu", strategy="strided") as dist:
+    with distributed.session("cpu", strategy="strided") as dist, _DrawLog() as log:
         assert dist.enabled and dist.world_size == 2 and dist.backend == "gloo"
         first = _score_all(model_dir, data_dir, out, dist=dist)
+        draws = dict(log.draws)
         assert not any(r.cached for r in first.values())
         again = _score_all(model_dir, data_dir, out, dist=dist, metrics=["hutchinson_diag", "act_mag"])
         report = {
             "first": {m: str(r.path) for m, r in first.items()},
             "cached": all(r.cached for r in again.values()),
+            "draws": draws,
         }
         (out / f"rank{dist.rank}.json").write_text(json.dumps(report))
 

@@ -1,6 +1,7 @@
 """Interruption: SIGINT or SIGTERM during a stage leaves no partial artifact and no stray
-temporary file, an existing artifact is left as it was, and the rerun completes (`cwa
-run` resumes from its finished stages).
+temporary file, an existing artifact is left as it was, the exit code is 128 + the signal
+(130 for SIGINT, 143 for SIGTERM), and the rerun completes (`cwa run` resumes from its
+finished stages).
 
 Each case is a real `python -m cwa` process that gets a real signal. To hit the stage at
 a known point rather than by timing, the child runs the console script with one hook
@@ -157,7 +158,9 @@ def _signal_and_check(c: Case) -> str:
     c.proc.send_signal(c.sig)
     out, err = c.proc.communicate(timeout=60)
     assert c.proc.returncode != 0, (c.name, out, err)
-    assert c.proc.returncode == 130, (c.name, c.proc.returncode, err)
+    # 128 + the signal, as a shell reports a process a signal ended: 130 Ctrl-C, 143 SIGTERM
+    want = {signal.SIGINT: 130, signal.SIGTERM: 143}[c.sig]
+    assert c.proc.returncode == want, (c.name, c.proc.returncode, err)
     assert "interrupted" in err and "Traceback" not in err, err
     assert out == "", f"{c.name}: a path was printed for an unfinished stage: {out!r}"
     assert not tmp_files(c.folder), f"{c.name}: stray temporary files {tmp_files(c.folder)}"
