@@ -51,6 +51,29 @@ def test_corrupted_scores_tensor_is_detected(tmp_path):
             sc.get(n)
 
 
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_streamed_hash_check_detects_a_flipped_byte_in_any_piece(tmp_path, where):
+    """`chunks()` hashes each piece on another thread while the consumer works (issue
+    13): the pieces are the stored values, and a flipped byte in any piece still ends
+    the stream with the SHA-256 error."""
+    n = 3 * A.PIECE_ELEMS + 5
+    t = {"w": torch.randn(n), "v": torch.randn(7)}
+    p = A.write_scores(tmp_path / "big.safetensors", t, {"cwa.metric": "m", "cwa.fingerprint": "f"})
+    sc = A.open_scores(p)
+    got = torch.cat([c for _, c in sc.chunks("w")])
+    assert torch.equal(got, t["w"])
+    data = bytearray(p.read_bytes())
+    start = len(data) - 4 * (n + 7)  # tensors sorted by name in the file: v, then w
+    off = {"first": 4 * 7 + 2, "middle": 4 * (7 + 2 * A.PIECE_ELEMS) + 1, "last": 4 * (n + 7) - 2}[where]
+    data[start + off] ^= 0x40
+    p.write_bytes(bytes(data))
+    sc = A.open_scores(p)
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        for _ in sc.chunks("w"):
+            pass
+
+
 @pytest.mark.parametrize("cut", [4, 20, 60])
 def test_truncated_scores_are_refused(tmp_path, cut):
     p, _ = _scores(tmp_path)
