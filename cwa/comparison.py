@@ -47,6 +47,7 @@ from cwa import __version__
 from cwa import artifacts as A
 from cwa.console import log
 from cwa.errors import ArtifactError, UsageError
+from cwa.plots.style import fnum as _fnum  # a float from a JSON value ("inf", None, ...)
 
 if TYPE_CHECKING:
     from cwa.ranking import Selection
@@ -202,15 +203,6 @@ def read_run(path: PathLike) -> RunOutput:
 
 
 # --------------------------------------------------------------------------- rows
-
-
-def _fnum(v: Any) -> float:
-    if v is None:
-        return math.nan
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _opt(v: Any) -> float | None:
