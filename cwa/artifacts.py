@@ -33,8 +33,12 @@ everything after it; the hash is checked before h5py opens the file, so a corrup
 is a clean `ArtifactError`, never a crash inside the HDF5 library. Reading is bounded by
 what cwa writes: uncompressed, contiguous datasets no larger than the file, so a small
 file cannot expand into gigabytes. Scores carry per-tensor SHA-256s in `cwa.sha256`,
-verified whenever a whole tensor is read and, streamed, on every cache hit (`cached`):
-a damaged cached artifact is recomputed with a note. Nothing is ever unpickled.
+verified whenever a tensor is read (whole, or streamed: checked after its last piece) and
+on every cache hit (`cached`): a damaged cached artifact is recomputed with a note. A
+scores file this machine has verified in full is trusted while it is unchanged (same
+device, inode, size, mtime and ctime, and the same recorded hashes; `cwa.memo`), so
+ranking it again reads it once instead of hashing it again; `verify(force=True)` hashes
+it regardless. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cwa import __version__
+from cwa import __version__, memo
 from cwa.console import log
 from cwa.errors import ArtifactError, CwaError, UsageError
 
@@ -768,6 +772,50 @@ class ScoresFile(Scores):
     layout: dict[str, tuple[str, int, int]] = field(default_factory=dict, repr=False)
     _verified: set[str] = field(default_factory=set, repr=False)
     _hashes: dict[str, str] | None = field(default=None, repr=False)
+    # the file's stamp when opened and the time of that (see `_recall`), and whether the
+    # verification memo has been consulted or written for it
+    _stamp: dict | None = field(default=None, repr=False)
+    _opened_ns: int = field(default=0, repr=False)
+    _memo_done: bool = field(default=False, repr=False)
+
+    def _recall(self) -> None:
+        """Mark every tensor verified when this machine verified the file before and its
+        stamp (device, inode, size, mtime, ctime) and recorded hashes are unchanged since
+        (`cwa.memo`): hashing unchanged bytes again costs about seven reads of the file
+        on two cores (benchmarks/RESULTS.md), each time the scores are ranked."""
+        import time
+
+        try:
+            st = os.stat(self.path)
+            key = os.path.realpath(self.path)
+        except OSError:
+            return
+        self._stamp, self._opened_ns = memo.stamp(st), time.time_ns()
+        entry = memo.read_memo(_verified_memo_path()).get(key)
+        if (isinstance(entry, dict) and entry.get("stamp") == self._stamp
+                and entry.get("hashes") == self._hashes_digest()):
+            self._verified.update(n for n in self.names if self._hash_of(n) is not None)
+            self._memo_done = True
+
+    def _hashes_digest(self) -> str:
+        return hashlib.sha256(self.meta.get("cwa.sha256", "").encode()).hexdigest()
+
+    def _remember(self) -> None:
+        """Record the file as verified once every tensor with a hash has been checked,
+        the file is unchanged since it was opened, and it was older than 2 s then."""
+        if self._memo_done or self._stamp is None:
+            return
+        if any(n not in self._verified for n in self.names if self._hash_of(n) is not None):
+            return
+        self._memo_done = True
+        try:
+            st = os.stat(self.path)
+            key = os.path.realpath(self.path)
+        except OSError:
+            return
+        if memo.stamp(st) == self._stamp and memo.old_enough(st, self._opened_ns):
+            entry = {"stamp": self._stamp, "hashes": self._hashes_digest()}
+            memo.write_memo(_verified_memo_path(), key, entry)
 
     def _hash_of(self, name: str) -> str | None:
         if self._hashes is None:
@@ -782,6 +830,7 @@ class ScoresFile(Scores):
                 "(file corrupted); recompute it with --force"
             )
         self._verified.add(name)
+        self._remember()
 
     def _readable(self, name: str) -> bool:
         return name in self.layout and self.layout[name][0] in _ST_DTYPES
@@ -832,10 +881,15 @@ class ScoresFile(Scores):
             self._check_hash(name, _tensor_sha(t))
         return t.to(torch.float32)
 
-    def verify(self) -> None:
+    def verify(self, force: bool = False) -> None:
         """Check every tensor against its recorded SHA-256 (`ArtifactError` on the first
         mismatch or truncation), streaming the raw bytes through one 16 MB buffer;
-        tensors without a recorded hash are skipped. What a cache hit checks."""
+        tensors without a recorded hash are skipped. What a cache hit checks. Tensors
+        already verified (in this process, or by the memo for an unchanged file) are
+        skipped unless `force`."""
+        if force:
+            self._verified.clear()
+            self._memo_done = False
         buf = None
         with open(self.path, "rb", buffering=0) as f:
             for name in self.names:
@@ -1003,7 +1057,14 @@ def open_scores(path: str | os.PathLike) -> ScoresFile:
     for k in order:
         a, b = header[k]["data_offsets"]
         layout[k] = (str(header[k].get("dtype", "")), base + int(a), base + int(b))
-    return ScoresFile(path=path, meta=dict(meta), names=list(order), shapes=shapes, layout=layout)
+    scores = ScoresFile(path=path, meta=dict(meta), names=list(order), shapes=shapes, layout=layout)
+    scores._recall()
+    return scores
+
+
+def _verified_memo_path() -> Path:
+    """The memo of scores files verified against their hashes (`cwa.memo`)."""
+    return memo.cache_dir() / "verified_scores.json"
 
 
 # --------------------------------------------------------------------------- HDF5

@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from cwa.errors import CwaError, UsageError
+from cwa.memo import RACY_NS, cache_dir, read_memo, write_memo
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -81,8 +82,6 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ_SIZE = 64 << 20  # bytes hashed per update (SHA-256, not the calls, sets the pace)
 _MAX_HEADER = 100 << 20  # safetensors' own limit on a header's size
-_RACY_NS = 2_000_000_000  # see file_sha256
-_MEMO_MAX = 4096  # entries in the hash memo; the oldest go first
 
 
 class LoadedModel:
@@ -1017,13 +1016,9 @@ def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def hash_cache_path() -> Path:
-    """The memo of file hashes: `$CWA_CACHE_DIR`, else `$XDG_CACHE_HOME/cwa`, else
-    `~/.cache/cwa`, file `file_sha256.json`."""
-    d = os.environ.get("CWA_CACHE_DIR")
-    if not d:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        d = os.path.join(xdg, "cwa") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "cwa")
-    return Path(d) / "file_sha256.json"
+    """The memo of file hashes: `file_sha256.json` in `cwa.memo.cache_dir()`
+    (`$CWA_CACHE_DIR`, else `$XDG_CACHE_HOME/cwa`, else `~/.cache/cwa`)."""
+    return cache_dir() / "file_sha256.json"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -1040,7 +1035,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     st = os.stat(real)
     stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
     memo = hash_cache_path()
-    entry = _read_memo(memo).get(real)
+    entry = read_memo(memo).get(real)
     if (isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())
             and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])):
         return entry["sha256"]
@@ -1048,8 +1043,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     digest = _sha256_of_file(real)
     after = os.stat(real)
     unchanged = (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
-    if unchanged and st.st_mtime_ns < started - _RACY_NS:  # read whole, and old enough to trust
-        _write_memo(memo, real, {**stamp, "sha256": digest})
+    if unchanged and st.st_mtime_ns < started - RACY_NS:  # read whole, and old enough to trust
+        write_memo(memo, real, {**stamp, "sha256": digest})
     return digest
 
 
@@ -1087,35 +1082,3 @@ def _sha256_of_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _read_memo(path: Path) -> dict:
-    """The memo's entries; a missing, unreadable or corrupt memo is an empty one."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        files = doc.get("files") if doc.get("version") == 1 else None
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return files if isinstance(files, dict) else {}
-
-
-def _write_memo(path: Path, key: str, entry: dict) -> None:
-    """Add one entry, atomically (temporary file + rename); a memo that cannot be written is
-    silently left as it is: it only saves time."""
-    files = _read_memo(path)  # merged with what other processes wrote meanwhile
-    files.pop(key, None)
-    files[key] = entry
-    for old in list(files)[: max(0, len(files) - _MEMO_MAX)]:
-        del files[old]
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".file_sha256.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": 1, "files": files}, f)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)

@@ -74,6 +74,91 @@ def test_streamed_hash_check_detects_a_flipped_byte_in_any_piece(tmp_path, where
             pass
 
 
+def _no_hashing(monkeypatch):
+    """Make any SHA-256 of scores data fail the test (the file must be trusted unread)."""
+
+    def boom(*a, **k):
+        raise AssertionError("hashed again")
+
+    sha256 = A.hashlib.sha256
+
+    def streamed_only(*a, **k):  # `verify` streams into `sha256()`; the memo hashes the header
+        return sha256(*a, **k) if a else boom()
+
+    monkeypatch.setattr(A, "_tensor_sha", boom)
+    monkeypatch.setattr(A, "_HashBehind", boom)
+    monkeypatch.setattr(A.hashlib, "sha256", streamed_only)
+
+
+def test_a_verified_unchanged_scores_file_is_not_hashed_again(tmp_path, monkeypatch):
+    """Issue 13: ranking the same scores again reads them once; the memo (in the test's
+    CWA_CACHE_DIR) trusts a file verified in full while its stamp and hashes are the same."""
+    monkeypatch.setattr(A.memo, "RACY_NS", 0)  # the file is seconds old, not 2 s
+    p, t = _scores(tmp_path)
+    sc = A.open_scores(p)
+    assert sc._verified == set()  # never verified: hashed on first read
+    sc.get("b.weight")
+    assert not A._verified_memo_path().exists() or str(p.resolve()) not in A.memo.read_memo(A._verified_memo_path())
+    sc.get("a.weight")  # now every tensor is verified: remembered
+    entry = A.memo.read_memo(A._verified_memo_path())[os.path.realpath(p)]
+    assert entry["stamp"] == A.memo.stamp(os.stat(p))
+    with monkeypatch.context() as m:
+        _no_hashing(m)
+        again = A.open_scores(p)
+        assert again._verified == set(t)
+        assert torch.equal(torch.cat([c for _, c in again.chunks("b.weight", 4)]), t["b.weight"].reshape(-1))
+        again.verify()  # a cache hit's check: nothing left to hash
+        with pytest.raises(AssertionError, match="hashed again"):
+            again.verify(force=True)
+
+
+@pytest.mark.parametrize("how", ["rewrite", "rewrite-keep-mtime", "replace", "new-hashes"])
+def test_a_changed_scores_file_is_hashed_again(tmp_path, monkeypatch, how):
+    """Any change after the memo was written (in place, even with the mtime set back,
+    or a file renamed over it) means a full check again, which finds the flipped byte."""
+    monkeypatch.setattr(A.memo, "RACY_NS", 0)
+    p, t = _scores(tmp_path)
+    A.open_scores(p).verify()
+    assert os.path.realpath(p) in A.memo.read_memo(A._verified_memo_path())
+    st = os.stat(p)
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0xFF
+    if how == "replace":
+        (tmp_path / "other").write_bytes(bytes(data))
+        os.replace(tmp_path / "other", p)
+    elif how == "new-hashes":  # the memo's entry for the path, but other recorded hashes
+        A.write_scores(tmp_path / "n.safetensors", {k: v + 1 for k, v in t.items()}, {})
+        os.replace(tmp_path / "n.safetensors", p)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        memo_path = A._verified_memo_path()
+        entry = A.memo.read_memo(memo_path)[os.path.realpath(p)]
+        entry["stamp"] = A.memo.stamp(os.stat(p))  # as if the stamp had not changed
+        A.memo.write_memo(memo_path, os.path.realpath(p), entry)
+        assert A.open_scores(p)._verified == set()
+        return
+    else:
+        with open(p, "r+b") as f:
+            f.write(bytes(data))
+        if how == "rewrite-keep-mtime":
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert os.stat(p).st_mtime_ns == st.st_mtime_ns
+    sc = A.open_scores(p)
+    assert sc._verified == set()
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        for n in sc.names:
+            for _ in sc.chunks(n, 4):
+                pass
+
+
+def test_a_fresh_scores_file_is_not_remembered(tmp_path):
+    """Within 2 s of its last change a file could change again unseen on a file system
+    with coarse timestamps: it is verified, but not remembered, and so hashed next time."""
+    p, _ = _scores(tmp_path)
+    A.open_scores(p).verify()
+    assert os.path.realpath(p) not in A.memo.read_memo(A._verified_memo_path())
+    assert A.open_scores(p)._verified == set()
+
+
 @pytest.mark.parametrize("cut", [4, 20, 60])
 def test_truncated_scores_are_refused(tmp_path, cut):
     p, _ = _scores(tmp_path)
