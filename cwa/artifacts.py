@@ -54,6 +54,7 @@ import re
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -783,12 +784,8 @@ class ScoresFile(Scores):
         stamp (device, inode, size, mtime, ctime) and recorded hashes are unchanged since
         (`cwa.memo`): hashing unchanged bytes again costs about seven reads of the file
         on two cores (benchmarks/RESULTS.md), each time the scores are ranked."""
-        import time
-
-        try:
-            st = os.stat(self.path)
-            key = os.path.realpath(self.path)
-        except OSError:
+        st, key = self._stat()
+        if st is None:
             return
         self._stamp, self._opened_ns = memo.stamp(st), time.time_ns()
         entry = memo.read_memo(_verified_memo_path()).get(key)
@@ -796,6 +793,13 @@ class ScoresFile(Scores):
                 and entry.get("hashes") == self._hashes_digest()):
             self._verified.update(n for n in self.names if self._hash_of(n) is not None)
             self._memo_done = True
+
+    def _stat(self) -> tuple[os.stat_result | None, str]:
+        """The file's stat and real path (the memo's key); None when it cannot be stat'ed."""
+        try:
+            return os.stat(self.path), os.path.realpath(self.path)
+        except OSError:
+            return None, ""
 
     def _hashes_digest(self) -> str:
         return hashlib.sha256(self.meta.get("cwa.sha256", "").encode()).hexdigest()
@@ -808,12 +812,8 @@ class ScoresFile(Scores):
         if any(n not in self._verified for n in self.names if self._hash_of(n) is not None):
             return
         self._memo_done = True
-        try:
-            st = os.stat(self.path)
-            key = os.path.realpath(self.path)
-        except OSError:
-            return
-        if memo.stamp(st) == self._stamp and memo.old_enough(st, self._opened_ns):
+        st, key = self._stat()
+        if st is not None and memo.stamp(st) == self._stamp and memo.old_enough(st, self._opened_ns):
             entry = {"stamp": self._stamp, "hashes": self._hashes_digest()}
             memo.write_memo(_verified_memo_path(), key, entry)
 

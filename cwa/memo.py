@@ -5,7 +5,7 @@ its recorded hashes (`cwa.artifacts.ScoresFile`).
 Each memo is a JSON file in the cache directory (`$CWA_CACHE_DIR`, else
 `$XDG_CACHE_HOME/cwa`, else `~/.cache/cwa`) mapping a file's real path to an entry that
 holds the file's stamp (what `os.stat` says of it) and the memoized result. An entry is
-used only while the file's stamp is the one recorded. A file whose timestamps are within
+used only while the file's stamp is the one recorded. A file modified within
 2 s of the work is not memoized: on a file system with coarse timestamps it could be
 rewritten within the same tick, same size, and look unchanged (git's "racily clean"
 rule); it is memoized next time, once it is older. A missing, unreadable or corrupt memo
@@ -41,8 +41,9 @@ def stamp(st: os.stat_result) -> dict:
 
 
 def old_enough(st: os.stat_result, started_ns: int) -> bool:
-    """True when the file's timestamps are more than `RACY_NS` before `started_ns`."""
-    return max(st.st_mtime_ns, st.st_ctime_ns) < started_ns - RACY_NS
+    """True when the file was last modified more than `RACY_NS` before `started_ns` (a
+    rewrite moves the mtime and the ctime alike; the mtime is the one a test can age)."""
+    return st.st_mtime_ns < started_ns - RACY_NS
 
 
 def read_memo(path: Path) -> dict:

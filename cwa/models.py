@@ -70,7 +70,8 @@ from pathlib import Path
 from typing import Any
 
 from cwa.errors import CwaError, UsageError
-from cwa.memo import RACY_NS, cache_dir, read_memo, write_memo
+from cwa.memo import cache_dir, old_enough, read_memo, write_memo
+from cwa.memo import stamp as file_stamp
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -1022,7 +1023,7 @@ def hash_cache_path() -> Path:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's full content, memoized by (real path, size, mtime_ns, inode).
+    """SHA-256 of a file's full content, memoized by real path and `cwa.memo.stamp`.
 
     A hub cache blob (`models--*/blobs/<64 hex>`) is named by the SHA-256 of its content (a
     Git LFS object id), so its name is returned without reading it. A file whose mtime is
@@ -1033,7 +1034,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     if _is_hub_blob(real):
         return os.path.basename(real)
     st = os.stat(real)
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    stamp = file_stamp(st)
     memo = hash_cache_path()
     entry = read_memo(memo).get(real)
     if (isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())
@@ -1041,9 +1042,8 @@ def file_sha256(path: str | os.PathLike) -> str:
         return entry["sha256"]
     started = time.time_ns()
     digest = _sha256_of_file(real)
-    after = os.stat(real)
-    unchanged = (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
-    if unchanged and st.st_mtime_ns < started - RACY_NS:  # read whole, and old enough to trust
+    unchanged = file_stamp(os.stat(real)) == stamp
+    if unchanged and old_enough(st, started):  # read whole, and old enough to trust
         write_memo(memo, real, {**stamp, "sha256": digest})
     return digest
 
