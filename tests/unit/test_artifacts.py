@@ -74,6 +74,34 @@ def test_streamed_hash_check_detects_a_flipped_byte_in_any_piece(tmp_path, where
             pass
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunks_with_reuse_read_into_two_buffers_in_turn(tmp_path, monkeypatch, dtype):
+    """`reuse` (what ranking asks for): the same values as fresh pieces, in two buffers
+    used in turn (no allocation per piece), hashed on the way the first time, and a
+    flipped byte still ends the stream with the SHA-256 error."""
+    monkeypatch.setattr(A, "PIECE_ELEMS", 64)
+    n = 5 * 64 + 9
+    t = {"w": torch.randn(n)}
+    p = A.write_scores(tmp_path / "s.safetensors", t, {}, dtype=dtype)
+    want = t["w"].to(getattr(torch, dtype)).float()
+    sc = A.open_scores(p)
+    got, held = [], []
+    for _, c in sc.chunks("w", reuse=True):  # first read: hashed meanwhile
+        got.append(c.clone())
+        held.append(c)  # held pieces cannot share memory unless the reader reuses it
+    assert torch.equal(torch.cat(got), want)
+    ptrs = [c.data_ptr() for c in held]
+    assert len(ptrs) == 6 and len(set(ptrs)) == 2 and ptrs[0::2] == [ptrs[0]] * 3
+    fresh = [c for _, c in sc.chunks("w")]  # the default: pieces a consumer may keep
+    assert len({c.data_ptr() for c in fresh}) == 6 and torch.equal(torch.cat(fresh), want)
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0x40
+    p.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        for _ in A.open_scores(p).chunks("w", reuse=True):
+            pass
+
+
 def _no_hashing(monkeypatch):
     """Make any SHA-256 of scores data fail the test (the file must be trusted unread)."""
 

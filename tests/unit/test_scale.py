@@ -3,6 +3,7 @@ exactly the in-memory result; a tensor larger than a piece is never read whole."
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -88,9 +89,9 @@ def test_a_tensor_larger_than_a_piece_is_never_read_whole(tmp_path, small_pieces
     reads = []
     real_read, real_get = A.ScoresFile._read, A.ScoresFile.get
 
-    def spy(self, f, name, start, count):
+    def spy(self, f, name, start, count, out=None):
         reads.append(count)
-        return real_read(self, f, name, start, count)
+        return real_read(self, f, name, start, count, out)
 
     def no_get(self, name, verify=True):
         if self.numel(name) > PIECE:
@@ -149,6 +150,22 @@ def test_explicit_reads_match_safetensors(tmp_path, dtype):
 def test_release_of_freed_heap_is_harmless():
     A._ReleaseFreedHeap.check()
     A._ReleaseFreedHeap.check()
+
+
+def test_the_rss_is_read_at_most_every_check_interval(monkeypatch):
+    calls = []
+    monkeypatch.setattr(A._ReleaseFreedHeap, "trim", lambda _: None)
+    monkeypatch.setattr(A._ReleaseFreedHeap, "_rss", classmethod(lambda cls: calls.append(1) or 1 << 30))
+    monkeypatch.setattr(A._ReleaseFreedHeap, "last", -math.inf)
+    monkeypatch.setattr(A._ReleaseFreedHeap, "floor", None)
+    monkeypatch.setattr(A, "CHECK_EVERY_S", 3600.0)
+    for _ in range(5):
+        A._ReleaseFreedHeap.check()
+    assert len(calls) == 1
+    monkeypatch.setattr(A, "CHECK_EVERY_S", 0.0)
+    for _ in range(5):
+        A._ReleaseFreedHeap.check()
+    assert len(calls) == 6
 
 
 # ---------------------------------------------------------------- a billion scores
