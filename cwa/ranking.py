@@ -56,6 +56,7 @@ of it. ``rank_with_stats`` feeds the same chunks to the top-K and to the statist
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Iterator
@@ -71,11 +72,20 @@ from cwa.errors import CwaError, UsageError
 from cwa.registry import check_choice
 
 DEFAULT_CHUNK_ELEMS = 2**24
-# Ranking and statistics read in blocks of at most this many entries: a block and its
-# temporaries stay in a 1 MB L2 cache (measured on 1e9 scores: top-K 1.9 -> 1.4 s,
-# moments 4.6 -> 3.9 s, histogram 10.2 -> 9.1 s against the reader's 2^20-entry pieces;
-# cutting 2^20-entry pieces into blocks after the read gains less).
+# Ranking and statistics read in blocks of at most this many entries (pieces of a file
+# in reused buffers, `source_chunks`): a block and its temporaries stay in a 1 MB L2
+# cache, and the statistics' float32 block sums keep their accuracy (Σd² of 2^19
+# heavy-tailed terms misses 1e-8 relative: tests/unit/test_ranking.py). The top-K alone
+# reads blocks of `TOPK_BLOCK_ELEMS`: measured on 1e9 scores, K = 1e6, medians of 3
+# (benchmarks/RESULTS.md), blocks of 2^18 / 2^19 / 2^20 entries: top-K 2.06 / 1.57 /
+# 1.80 s (fewer calls per entry; its temporaries are a few group keys and candidates).
 BLOCK_ELEMS = 2**18
+TOPK_BLOCK_ELEMS = 2**19
+# Once the top-K has a threshold, a block is filtered by the largest key of each group of
+# this many entries (one reduction), and only the groups that reach it are looked at entry
+# by entry (`_TopKStream.feed`): at K = 1e6 of 1e9 scores, 5.5% of the entries (4 / 16
+# entries: the reduction is slower / twice as many entries are gathered).
+GROUP_ELEMS = 8
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 RANK_BY = ("abs", "value")
 MODES = ("global", "per_layer")
@@ -211,28 +221,39 @@ def iter_chunks(tensor: torch.Tensor, chunk_elems: int) -> Iterator[tuple[int, t
         yield start, flat[start : start + step]
 
 
-def source_chunks(scores, name: str, chunk_elems: int) -> Iterator[tuple[int, torch.Tensor]]:
+def source_chunks(
+    scores, name: str, chunk_elems: int, transient: bool = False
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, flat piece) of one score tensor: through the source's own ``chunks()``
     when it has one (a scores file reads piece by piece, so a tensor larger than memory
-    still streams), else by slicing ``get()``."""
+    still streams), else by slicing ``get()``. ``transient``: the caller keeps no piece
+    past the next one, so a source whose ``chunks`` takes ``reuse`` may read into the
+    same buffers again (`cwa.artifacts.ScoresFile.chunks`)."""
     chunks = getattr(scores, "chunks", None)
-    if chunks is not None:
-        yield from chunks(name, chunk_elems)
-    else:
+    if chunks is None:
         yield from iter_chunks(scores.get(name), chunk_elems)
+    elif transient and "reuse" in inspect.signature(chunks).parameters:
+        yield from chunks(name, chunk_elems, reuse=True)
+    else:
+        yield from chunks(name, chunk_elems)
 
 
-def _blocks(scores, name: str, chunk_elems: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _blocks(
+    scores, name: str, chunk_elems: int, block: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, float32 flat block) of one score tensor: pieces of at most `chunk_elems`
-    and `BLOCK_ELEMS` entries (a source's larger pieces are cut into views)."""
-    for start, chunk in source_chunks(scores, name, min(int(chunk_elems), BLOCK_ELEMS)):
+    and ``block`` (default `BLOCK_ELEMS`) entries (a source's larger pieces are cut into
+    views). A block is valid until the next is asked for: whatever a consumer keeps, it
+    copies."""
+    block = BLOCK_ELEMS if block is None else block
+    for start, chunk in source_chunks(scores, name, min(int(chunk_elems), block), True):
         chunk = chunk.float()
         n = chunk.numel()
-        if n <= BLOCK_ELEMS:
+        if n <= block:
             yield start, chunk
             continue
-        for j in range(0, n, BLOCK_ELEMS):
-            yield start + j, chunk[j : j + BLOCK_ELEMS]
+        for j in range(0, n, block):
+            yield start + j, chunk[j : j + block]
 
 
 def _check_args(k: int, mode: str, rank_by: str) -> None:
@@ -297,47 +318,74 @@ class _TopKStream:
 
     def _select(self, key: torch.Tensor) -> torch.Tensor:
         """Indices (ascending) of the k best of ``key`` under (key desc, index asc)."""
-        n = key.numel()
-        kth = torch.kthvalue(key, n - self.k + 1).values
-        thr = float(kth)
-        gt = key > kth
-        n_gt = int(gt.sum())
-        eq_idx = torch.nonzero(key == kth).flatten()
+        kn = key.numpy()
+        n = kn.size
+        kth = np.partition(kn, n - self.k)[n - self.k]  # numpy's: 2x torch's kthvalue
+        keep = kn > kth
+        n_gt = int(np.count_nonzero(keep))
+        eq_idx = np.flatnonzero(kn == kth)
         need = self.k - n_gt
-        self._rejected(thr, eq_idx.numel() - need)
-        keep = gt
+        self._rejected(float(kth), eq_idx.size - need)
         keep[eq_idx[:need]] = True
-        return torch.nonzero(keep).flatten()
+        return torch.from_numpy(np.flatnonzero(keep))
 
-    def feed(self, start: int, key: torch.Tensor, raw: torch.Tensor) -> None:
-        """Offer one chunk; ``start`` is the position of its first entry."""
-        if self.thr is not None:
-            # one comparison per entry; the few survivors are split into ties and entrants
-            thr_t = torch.tensor(self.thr, dtype=key.dtype)
-            mask = self.scratch.get("mask", key.numel(), torch.bool).numpy()
-            np.greater_equal(key.numpy(), np.float32(self.thr), out=mask)  # numpy's: 10x torch's
-            idx = torch.from_numpy(np.flatnonzero(mask))
-            if idx.numel() == 0:
-                return
-            key, raw = key[idx], raw[idx]
-            eq = key == thr_t
-            n_eq = int(eq.sum())
-            if n_eq:
-                self._rejected(self.thr, n_eq)
-                keep = torch.nonzero(~eq).flatten()
-                if keep.numel() == 0:
-                    return
-                idx, key, raw = idx[keep], key[keep], raw[keep]
-        else:
+    def group_keys(self, raw: torch.Tensor, key: torch.Tensor | None, rank_by: str,
+                   lowest: bool) -> torch.Tensor:
+        """The largest key of each group of a block's first ``GROUP_ELEMS * g`` entries,
+        g = n // GROUP_ELEMS: group j holds entries j + i·g (i < GROUP_ELEMS), the columns
+        of a [GROUP_ELEMS, g] view, so one reduction across its rows gives all g keys
+        (vectorized along the rows; no per-entry temporary but for the bottom-K by |s|).
+        ``key``: the block's keys where already computed."""
+        g = raw.numel() // GROUP_ELEMS
+        x = raw[: g * GROUP_ELEMS].view(GROUP_ELEMS, g)
+        if key is None and rank_by == "abs" and lowest:
+            key = self.key_of(raw[: g * GROUP_ELEMS], rank_by, lowest)
+        if key is not None:
+            return torch.amax(key[: g * GROUP_ELEMS].view(GROUP_ELEMS, g), dim=0)
+        if rank_by == "value":
+            return torch.amin(x, dim=0).neg_() if lowest else torch.amax(x, dim=0)
+        return torch.maximum(torch.amax(x, dim=0), torch.amin(x, dim=0).neg_())
+
+    def feed(self, start: int, raw: torch.Tensor, key: torch.Tensor | None, rank_by: str,
+             lowest: bool) -> None:
+        """Offer one block; ``start`` is the position of its first entry, ``key`` its keys
+        where already computed (None: computed here, for the entries that need one)."""
+        if self.thr is None:
             idx = None
+            if key is None:
+                key = self.key_of(raw, rank_by, lowest)
+        else:
+            # the groups whose largest key reaches the threshold, and the last n mod
+            # GROUP_ELEMS entries, in position order; then their entries that do, split
+            # into ties (counted) and entrants
+            n, thr = raw.numel(), np.float32(self.thr)
+            g = n // GROUP_ELEMS
+            cols = np.flatnonzero(self.group_keys(raw, key, rank_by, lowest).numpy() >= thr)
+            cand = (np.arange(GROUP_ELEMS)[:, None] * g + cols).ravel()
+            if n > g * GROUP_ELEMS:
+                cand = np.concatenate([cand, np.arange(g * GROUP_ELEMS, n)])
+            if cand.size == 0:
+                return
+            cand_t = torch.from_numpy(cand)
+            raw = torch.index_select(raw, 0, cand_t)
+            key = self.key_of(raw, rank_by, lowest) if key is None else torch.index_select(key, 0, cand_t)
+            kn = key.numpy()
+            n_eq = int(np.count_nonzero(kn == thr))
+            self._rejected(self.thr, n_eq)
+            keep = np.flatnonzero(kn > thr)
+            if keep.size == 0:
+                return
+            keep_t = torch.from_numpy(keep)
+            idx = cand_t[keep_t]
+            key, raw = torch.index_select(key, 0, keep_t), torch.index_select(raw, 0, keep_t)
         if key.numel() > self.k:
             sel = self._select(key)
             key, raw = key[sel], raw[sel]
             idx = sel if idx is None else idx[sel]
         if idx is None:
             idx = torch.arange(key.numel(), dtype=torch.int64)
-        # copies, so that no view of a (possibly memory-mapped) chunk outlives the chunk
-        self.pos.append(idx.to(torch.int64) + start)
+        # copies, so that no view of a (possibly memory-mapped) block outlives the block
+        self.pos.append(idx + start)
         self.key.append(key.clone())
         self.raw.append(raw.clone())
         self.size += key.numel()
@@ -387,7 +435,7 @@ def _stream_tensor(
 
     The common case, once the stream has a threshold, is a chunk whose largest key is
     below it: then nothing in it can enter or tie, and the chunk costs one reduction."""
-    for start, chunk in _blocks(scores, name, chunk_elems):
+    for start, chunk in _blocks(scores, name, chunk_elems, TOPK_BLOCK_ELEMS if stats is None else None):
         if chunk.numel() == 0:
             continue
         a = None
@@ -404,8 +452,8 @@ def _stream_tensor(
             )
         if stream.thr is not None and top < stream.thr:
             continue
-        key = a if a is not None and rank_by == "abs" else stream.key_of(chunk, rank_by, lowest)
-        stream.feed(offset + start, key, chunk)
+        key = a if a is not None and rank_by == "abs" and not lowest else None
+        stream.feed(offset + start, chunk, key, rank_by, lowest)
 
 
 def _rank(scores, k, mode, rank_by, chunk_elems, lowest, kind, seed, stats=None) -> Selection:

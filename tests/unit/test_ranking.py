@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cwa.errors import CwaError, UsageError
-from cwa.ranking import DictScores, bottomk, sensitivity_stats, topk
+from cwa.ranking import DictScores, bottomk, rank_with_stats, sensitivity_stats, topk
 
 # ----------------------------------------------------------------------------- reference
 
@@ -361,6 +361,34 @@ def test_threshold_filter_many_chunks_of_random_ties():
             for k in (2, 3, 50, 700):
                 sel = fn(DictScores(tensors), k, rank_by=rank_by, chunk_elems=16)
                 _check(sel, _ref_global(tensors, k, rank_by, lowest))
+
+
+@pytest.mark.parametrize("row", [1, 8, 64])
+def test_group_filter_against_sort(monkeypatch, row):
+    # blocks of many rows, whose lengths are not multiples of the row (a short last row),
+    # integer scores (ties at the threshold inside rows), rows partly above the threshold,
+    # and a late tensor of entrants
+    import cwa.ranking as R
+
+    monkeypatch.setattr(R, "GROUP_ELEMS", row)
+    rng = np.random.default_rng(5)
+    tensors = {
+        "a": torch.from_numpy(rng.integers(-20, 21, size=2999).astype(np.float32)),
+        "b": torch.from_numpy(rng.standard_normal(1001).astype(np.float32) * 10),
+        "c": torch.from_numpy(rng.integers(-30, 31, size=517).astype(np.float32)),
+    }
+    for rank_by in ("abs", "value"):
+        for lowest in (False, True):
+            fn = bottomk if lowest else topk
+            for chunk in (100, 257, 1000):
+                for k in (1, 7, 60, 400):
+                    sel = fn(DictScores(tensors), k, rank_by=rank_by, chunk_elems=chunk)
+                    _check(sel, _ref_global(tensors, k, rank_by, lowest))
+                sel = fn(DictScores(tensors), 30, mode="per_layer", rank_by=rank_by, chunk_elems=chunk)
+                _check(sel, _ref_per_layer(tensors, 30, rank_by, lowest))
+    for chunk in (100, 257):
+        sel, _, _ = rank_with_stats(DictScores(tensors), 60, chunk_elems=chunk)
+        _check(sel, _ref_global(tensors, 60, "abs"))
 
 
 def test_nan_in_a_chunk_below_the_threshold_still_raises():
