@@ -19,11 +19,13 @@ compaction has happened, a chunk entry whose key is not strictly above the buffe
 key (the running threshold) can never enter: K earlier entries already beat or tie it,
 and ties go to the earlier position. The threshold filters each chunk before any
 selection: one min/max reduction gives the chunk's largest key (and finds a NaN), and a
-chunk whose largest key is below the threshold is done; otherwise one vectorized
-``key >= threshold`` keeps the few survivors, which split into ties (counted) and
-entrants (buffered). Peak memory is one chunk plus O(K), and the result is exactly the
-stable-sort definition above, because the global top-K is contained in the union of
-per-chunk top-Ks.
+chunk whose largest key is below the threshold is done; otherwise one more reduction
+gives the largest key of each group of ``GROUP_ELEMS`` entries (the columns of a
+[GROUP_ELEMS, n/GROUP_ELEMS] view), and only the entries of the groups that reach the
+threshold (and the chunk's last n mod GROUP_ELEMS) are compared with it one by one; the
+few survivors split into ties (counted) and entrants (buffered). Peak memory is one
+chunk plus O(K), and the result is exactly the stable-sort definition above, because the
+global top-K is contained in the union of per-chunk top-Ks.
 
 ``ties_at_k`` is the number of entries in the whole population whose key equals the K-th
 key, the K-th itself included (1 means the cut is unambiguous). Entries rejected along the
