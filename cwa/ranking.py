@@ -240,14 +240,10 @@ def source_chunks(
         yield from chunks(name, chunk_elems)
 
 
-def _blocks(
-    scores, name: str, chunk_elems: int, block: int | None = None
-) -> Iterator[tuple[int, torch.Tensor]]:
+def _blocks(scores, name: str, chunk_elems: int, block: int) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, float32 flat block) of one score tensor: pieces of at most `chunk_elems`
-    and ``block`` (default `BLOCK_ELEMS`) entries (a source's larger pieces are cut into
-    views). A block is valid until the next is asked for: whatever a consumer keeps, it
-    copies."""
-    block = BLOCK_ELEMS if block is None else block
+    and ``block`` entries (a source's larger pieces are cut into views). A block is
+    valid until the next is asked for: whatever a consumer keeps, it copies."""
     for start, chunk in source_chunks(scores, name, min(int(chunk_elems), block), True):
         chunk = chunk.float()
         n = chunk.numel()
@@ -384,12 +380,14 @@ class _TopKStream:
             sel = self._select(key)
             key, raw = key[sel], raw[sel]
             idx = sel if idx is None else idx[sel]
-        if idx is None:
+        elif idx is None:
+            # the whole block: copies, so that no view of a block (a reused read buffer)
+            # or of a scratch buffer outlives it; the other branches gathered copies
+            key, raw = key.clone(), raw.clone()
             idx = torch.arange(key.numel(), dtype=torch.int64)
-        # copies, so that no view of a (possibly memory-mapped) block outlives the block
         self.pos.append(idx + start)
-        self.key.append(key.clone())
-        self.raw.append(raw.clone())
+        self.key.append(key)
+        self.raw.append(raw)
         self.size += key.numel()
         if self.size > 2 * self.k:
             self._compact()
@@ -437,7 +435,7 @@ def _stream_tensor(
 
     The common case, once the stream has a threshold, is a chunk whose largest key is
     below it: then nothing in it can enter or tie, and the chunk costs one reduction."""
-    for start, chunk in _blocks(scores, name, chunk_elems, TOPK_BLOCK_ELEMS if stats is None else None):
+    for start, chunk in _blocks(scores, name, chunk_elems, TOPK_BLOCK_ELEMS if stats is None else BLOCK_ELEMS):
         if chunk.numel() == 0:
             continue
         a = None
@@ -748,7 +746,7 @@ def sensitivity_stats(
     names = list(scores.names)
     stream = _StatsStream(len(names))
     for p, name in enumerate(names):
-        for _, chunk in _blocks(scores, name, chunk_elems):
+        for _, chunk in _blocks(scores, name, chunk_elems, BLOCK_ELEMS):
             if chunk.numel():
                 stream.add(p, chunk)
     return stream.finish(scores, selection, n_bins, chunk_elems)
@@ -914,7 +912,7 @@ def _finite_chunks(
 ) -> Iterator[tuple[torch.Tensor, int, float, float]]:
     """(the finite values of a chunk as float32, how many were not finite, their min and
     max); the common all-finite chunk costs one reduction (min/max propagate NaN)."""
-    for _, chunk in _blocks(scores, name, chunk_elems):
+    for _, chunk in _blocks(scores, name, chunk_elems, BLOCK_ELEMS):
         x = chunk
         if x.numel() == 0:
             continue

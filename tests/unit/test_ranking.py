@@ -363,14 +363,14 @@ def test_threshold_filter_many_chunks_of_random_ties():
                 _check(sel, _ref_global(tensors, k, rank_by, lowest))
 
 
-@pytest.mark.parametrize("row", [1, 8, 64])
-def test_group_filter_against_sort(monkeypatch, row):
-    # blocks of many rows, whose lengths are not multiples of the row (a short last row),
-    # integer scores (ties at the threshold inside rows), rows partly above the threshold,
-    # and a late tensor of entrants
+@pytest.mark.parametrize("group", [1, 8, 64])
+def test_group_filter_against_sort(monkeypatch, group):
+    # blocks of many groups, whose lengths are not multiples of the group size (a tail
+    # compared entry by entry), integer scores (ties at the threshold inside groups),
+    # groups partly above the threshold, and a late tensor of entrants
     import cwa.ranking as R
 
-    monkeypatch.setattr(R, "GROUP_ELEMS", row)
+    monkeypatch.setattr(R, "GROUP_ELEMS", group)
     rng = np.random.default_rng(5)
     tensors = {
         "a": torch.from_numpy(rng.integers(-20, 21, size=2999).astype(np.float32)),
