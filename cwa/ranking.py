@@ -23,9 +23,13 @@ chunk whose largest key is below the threshold is done; otherwise one more reduc
 gives the largest key of each group of ``GROUP_ELEMS`` entries (the columns of a
 [GROUP_ELEMS, n/GROUP_ELEMS] view), and only the entries of the groups that reach the
 threshold (and the chunk's last n mod GROUP_ELEMS) are compared with it one by one; the
-few survivors split into ties (counted) and entrants (buffered). Peak memory is one
-chunk plus O(K), and the result is exactly the stable-sort definition above, because the
-global top-K is contained in the union of per-chunk top-Ks.
+few survivors split into ties (counted) and entrants (buffered as positions and raw
+scores; keys are recomputed from the scores). While chunks keep reaching the threshold
+(large K), the first reduction is skipped: the group keys give the chunk's largest key
+and find a NaN. Peak memory is one chunk plus O(K), and the result is exactly the
+stable-sort definition above, because the global top-K is contained in the union of
+per-chunk top-Ks. The final order is one sort of unique integer codes (key bits,
+position; `rank_order`). Ranking and statistics run on `RANK_THREADS` torch thread(s).
 
 ``ties_at_k`` is the number of entries in the whole population whose key equals the K-th
 key, the K-th itself included (1 means the cut is unambiguous). Entries rejected along the
@@ -38,7 +42,8 @@ fewer entries) has no cut and contributes 0.
 Statistics
 ----------
 ``sensitivity_stats`` reads each chunk once for the moments and extremes (per chunk
-Σ(x − c) in float64, Σ(x − c)² and Σ|x| as float32 cascade sums, within a few ulps;
+Σ(x − c), Σ(x − c)² and Σ|x| as float32 cascade sums of at most 2^18 terms added in
+float64, within a few ulps;
 float64 accumulators across chunks, Chan's parallel variance) and for a fine histogram of
 ``|s|`` on the float32 bit grid (cell = bits >> 16: the exponent and 7 mantissa bits, a
 relative width of at most 2⁻⁷; integer arithmetic, so an entry's cell is exact). The
@@ -58,6 +63,8 @@ of it. ``rank_with_stats`` feeds the same chunks to the top-K and to the statist
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import math
 import os
@@ -75,19 +82,30 @@ from cwa.registry import check_choice
 
 DEFAULT_CHUNK_ELEMS = 2**24
 # Ranking and statistics read in blocks of at most this many entries (pieces of a file
-# in reused buffers, `source_chunks`): a block and its temporaries stay in a 1 MB L2
-# cache, and the statistics' float32 block sums keep their accuracy (Σd² of 2^19
-# heavy-tailed terms misses 1e-8 relative: tests/unit/test_ranking.py). The top-K alone
-# reads blocks of `TOPK_BLOCK_ELEMS`: measured on 1e9 scores, K = 1e6, medians of 3
-# (benchmarks/RESULTS.md), blocks of 2^18 / 2^19 / 2^20 entries: top-K 2.06 / 1.57 /
-# 1.80 s (fewer calls per entry; its temporaries are a few group keys and candidates).
-BLOCK_ELEMS = 2**18
-TOPK_BLOCK_ELEMS = 2**19
+# in reused buffers, `source_chunks`). Measured on 1e9 scores, K = 1e6, medians of 3
+# (benchmarks/RESULTS.md), top-K in blocks of 2^18 / 2^19 / 2^20 entries: 2.06 / 1.57 /
+# 1.80 s (fewer calls per entry against temporaries that stay in cache).
+BLOCK_ELEMS = 2**19
+# The statistics' float32 sums run over pieces of at most this many entries, added in
+# float64: one cascade sum of 2^19 heavy-tailed terms missed 1e-8 relative (Σd² of a
+# cubed normal: 3e-8; two sums of 2^18 terms: 4e-10; tests/unit/test_ranking.py)
+SUM_ELEMS = 2**18
 # Once the top-K has a threshold, a block is filtered by the largest key of each group of
 # this many entries (one reduction), and only the groups that reach it are looked at entry
 # by entry (`_TopKStream.feed`): at K = 1e6 of 1e9 scores, 5.5% of the entries (4 / 16
 # entries: the reduction is slower / twice as many entries are gathered).
 GROUP_ELEMS = 8
+# The candidate buffer is compacted back to K entries once it holds more than this many
+# times K (each compaction is a selection over the whole buffer; a larger buffer means
+# fewer of them, and a threshold that rises later)
+COMPACT_AT = 2
+# Ranking and statistics run their tensor arithmetic on this many torch threads (restored
+# afterwards). Their operations are one pass over a block in cache, too short for a
+# second thread to gain; on two cores the idle thread's spin-wait cost about as much CPU
+# time again (top-K of 1e9 scores, K = 1e6: 1.6 s wall and 1.6 s CPU on one thread,
+# 1.6-2.2 s wall and 2.9-4.3 s CPU on two) and slowed the file reads on the other core
+# by 2-4x in some runs (benchmarks/RESULTS.md, "fifth round").
+RANK_THREADS = 1
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 RANK_BY = ("abs", "value")
 MODES = ("global", "per_layer")
@@ -205,6 +223,21 @@ class DictScores:
 # --------------------------------------------------------------------------- helpers
 
 
+def _rank_threads(fn):
+    """Run ``fn`` with `RANK_THREADS` torch threads, restoring the caller's count."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            before = torch.get_num_threads()
+            if before != RANK_THREADS:
+                torch.set_num_threads(RANK_THREADS)
+                stack.callback(torch.set_num_threads, before)
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     return int(math.prod(shape))
 
@@ -279,16 +312,16 @@ class _Scratch:
 class _TopKStream:
     """Exact streaming top-k of (key, position) pairs fed in ascending position order.
 
-    The buffer is a list of (positions int64, keys, raw scores) pieces, all in position
-    order. ``thr`` is the K-th key of the buffer after the latest compaction (None before
-    the first), ``tied_val``/``tied_out`` count rejected entries equal to the largest
-    threshold at which anything was rejected (see the module docstring).
+    The buffer is a list of (positions int64, raw scores) pieces, all in position order;
+    keys are computed from the raw scores where needed (`key_of`). ``thr`` is the K-th key
+    of the buffer after the latest compaction (None before the first),
+    ``tied_val``/``tied_out`` count rejected entries equal to the largest threshold at
+    which anything was rejected (see the module docstring).
     """
 
-    def __init__(self, k: int) -> None:
-        self.k = k
+    def __init__(self, k: int, rank_by: str, lowest: bool) -> None:
+        self.k, self.rank_by, self.lowest = k, rank_by, lowest
         self.pos: list[torch.Tensor] = []
-        self.key: list[torch.Tensor] = []
         self.raw: list[torch.Tensor] = []
         self.size = 0
         self.thr: float | None = None
@@ -296,15 +329,19 @@ class _TopKStream:
         self.tied_out = 0
         self.scratch = _Scratch()
 
-    def key_of(self, raw: torch.Tensor, rank_by: str, lowest: bool) -> torch.Tensor:
-        """The keys of a chunk, in a scratch buffer (`feed` copies what it keeps)."""
-        if rank_by == "value" and not lowest:
+    def key_of(self, raw: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The keys of raw scores (the scores themselves for the top-K by value), in
+        ``out`` where given, else in a new tensor."""
+        if self.rank_by == "value" and not self.lowest:
             return raw
-        buf = self.scratch.get("key", raw.numel())
-        if rank_by == "abs":
-            torch.abs(raw, out=buf)
-            return buf.neg_() if lowest else buf
-        return torch.neg(raw, out=buf)
+        if self.rank_by == "abs":
+            key = torch.abs(raw, out=out) if out is not None else torch.abs(raw)
+            return key.neg_() if self.lowest else key
+        return torch.neg(raw, out=out) if out is not None else torch.neg(raw)
+
+    def _block_key(self, raw: torch.Tensor) -> torch.Tensor:
+        """`key_of` into a scratch buffer (valid until the next block)."""
+        return self.key_of(raw, self.scratch.get("key", raw.numel()))
 
     def _rejected(self, value: float, count: int) -> None:
         if count <= 0:
@@ -314,8 +351,9 @@ class _TopKStream:
         elif value == self.tied_val:
             self.tied_out += count
 
-    def _select(self, key: torch.Tensor) -> torch.Tensor:
-        """Indices (ascending) of the k best of ``key`` under (key desc, index asc)."""
+    def _select(self, key: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Indices (ascending) of the k best of ``key`` under (key desc, index asc), and
+        the k-th key."""
         kn = key.numpy()
         n = kn.size
         kth = np.partition(kn, n - self.k)[n - self.k]  # numpy's: 2x torch's kthvalue
@@ -325,10 +363,9 @@ class _TopKStream:
         need = self.k - n_gt
         self._rejected(float(kth), eq_idx.size - need)
         keep[eq_idx[:need]] = True
-        return torch.from_numpy(np.flatnonzero(keep))
+        return torch.from_numpy(np.flatnonzero(keep)), float(kth)
 
-    def group_keys(self, raw: torch.Tensor, key: torch.Tensor | None, rank_by: str,
-                   lowest: bool) -> torch.Tensor:
+    def group_keys(self, raw: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
         """The largest key of each group of a block's first ``GROUP_ELEMS * g`` entries,
         g = n // GROUP_ELEMS: group j holds entries j + i·g (i < GROUP_ELEMS), the columns
         of a [GROUP_ELEMS, g] view, so one reduction across its rows gives all g keys
@@ -336,80 +373,104 @@ class _TopKStream:
         ``key``: the block's keys where already computed."""
         g = raw.numel() // GROUP_ELEMS
         x = raw[: g * GROUP_ELEMS].view(GROUP_ELEMS, g)
-        if key is None and rank_by == "abs" and lowest:
-            key = self.key_of(raw[: g * GROUP_ELEMS], rank_by, lowest)
+        if key is None and self.rank_by == "abs" and self.lowest:
+            key = self._block_key(raw[: g * GROUP_ELEMS])
         if key is not None:
             return torch.amax(key[: g * GROUP_ELEMS].view(GROUP_ELEMS, g), dim=0)
-        if rank_by == "value":
-            return torch.amin(x, dim=0).neg_() if lowest else torch.amax(x, dim=0)
+        if self.rank_by == "value":
+            return torch.amin(x, dim=0).neg_() if self.lowest else torch.amax(x, dim=0)
         return torch.maximum(torch.amax(x, dim=0), torch.amin(x, dim=0).neg_())
 
-    def feed(self, start: int, raw: torch.Tensor, key: torch.Tensor | None, rank_by: str,
-             lowest: bool) -> None:
+    def feed(self, start: int, raw: torch.Tensor, key: torch.Tensor | None) -> float | None:
         """Offer one block; ``start`` is the position of its first entry, ``key`` its keys
-        where already computed (None: computed here, for the entries that need one)."""
+        where already computed (None: computed here, for the entries that need one).
+        Returns the block's largest key when the threshold filter computed it on the way
+        (NaN when the block holds a NaN: nothing of it has entered then), else None."""
+        top = None
         if self.thr is None:
             idx = None
             if key is None:
-                key = self.key_of(raw, rank_by, lowest)
+                key = self._block_key(raw)
         else:
             # the groups whose largest key reaches the threshold, and the last n mod
             # GROUP_ELEMS entries, in position order; then their entries that do, split
-            # into ties (counted) and entrants
+            # into ties (counted) and entrants. A NaN makes its group's key NaN (max and
+            # min propagate it), which compares false: it never enters, and `top` says so
             n, thr = raw.numel(), np.float32(self.thr)
             g = n // GROUP_ELEMS
-            cols = np.flatnonzero(self.group_keys(raw, key, rank_by, lowest).numpy() >= thr)
+            gk = self.group_keys(raw, key).numpy()
+            top = float(gk.max()) if g else -math.inf
+            cols = np.flatnonzero(gk >= thr)
             cand = (np.arange(GROUP_ELEMS)[:, None] * g + cols).ravel()
             if n > g * GROUP_ELEMS:
                 cand = np.concatenate([cand, np.arange(g * GROUP_ELEMS, n)])
             if cand.size == 0:
-                return
+                return top
             cand_t = torch.from_numpy(cand)
             raw = torch.index_select(raw, 0, cand_t)
-            key = self.key_of(raw, rank_by, lowest) if key is None else torch.index_select(key, 0, cand_t)
+            key = self.key_of(raw) if key is None else torch.index_select(key, 0, cand_t)
             kn = key.numpy()
+            if n > g * GROUP_ELEMS:
+                tail = float(kn[g * GROUP_ELEMS - n :].max())
+                top = tail if math.isnan(tail) or tail > top else top  # NaN wins
             n_eq = int(np.count_nonzero(kn == thr))
             self._rejected(self.thr, n_eq)
             keep = np.flatnonzero(kn > thr)
             if keep.size == 0:
-                return
+                return top
             keep_t = torch.from_numpy(keep)
             idx = cand_t[keep_t]
-            key, raw = torch.index_select(key, 0, keep_t), torch.index_select(raw, 0, keep_t)
-        if key.numel() > self.k:
-            sel = self._select(key)
-            key, raw = key[sel], raw[sel]
+            raw = torch.index_select(raw, 0, keep_t)
+            if keep.size > self.k:
+                key = torch.index_select(key, 0, keep_t)
+        if raw.numel() > self.k:
+            sel, _ = self._select(key)
+            raw = raw[sel]
             idx = sel if idx is None else idx[sel]
         elif idx is None:
-            # the whole block: copies, so that no view of a block (a reused read buffer)
-            # or of a scratch buffer outlives it; the other branches gathered copies
-            key, raw = key.clone(), raw.clone()
-            idx = torch.arange(key.numel(), dtype=torch.int64)
+            # the whole block: a copy, so that no view of a block (a reused read buffer)
+            # outlives it; the other branches gathered copies
+            raw = raw.clone()
+            idx = torch.arange(raw.numel(), dtype=torch.int64)
         self.pos.append(idx + start)
-        self.key.append(key)
         self.raw.append(raw)
-        self.size += key.numel()
-        if self.size > 2 * self.k:
+        self.size += raw.numel()
+        if self.size > COMPACT_AT * self.k:
             self._compact()
+        return top
 
     def _compact(self) -> None:
-        pos, key, raw = torch.cat(self.pos), torch.cat(self.key), torch.cat(self.raw)
-        sel = self._select(key)
-        pos, key, raw = pos[sel], key[sel], raw[sel]
-        self.pos, self.key, self.raw, self.size = [pos], [key], [raw], pos.numel()
-        self.thr = float(key.min())
+        pos, raw = torch.cat(self.pos), torch.cat(self.raw)
+        sel, self.thr = self._select(self.key_of(raw))
+        self.pos, self.raw, self.size = [pos[sel]], [raw[sel]], sel.numel()
 
     def finish(self) -> tuple[np.ndarray, np.ndarray, int, float]:
         """(positions, raw scores) in rank order, ties_at_k, K-th key."""
         if self.size > self.k:
             self._compact()
-        pos, key, raw = torch.cat(self.pos), torch.cat(self.key), torch.cat(self.raw)
-        order = torch.sort(key, descending=True, stable=True).indices
+        pos, raw = torch.cat(self.pos), torch.cat(self.raw)
+        key = self.key_of(raw)
+        order = rank_order(key)
         pos, key, raw = pos[order], key[order], raw[order]
         kth = float(key[-1])
         in_sel = int((key == key[-1]).sum())
         ties = in_sel + (self.tied_out if self.tied_val == kth else 0)
         return pos.numpy(), raw.numpy(), ties, kth
+
+
+def rank_order(key: torch.Tensor) -> torch.Tensor:
+    """The permutation of a stable descending sort of float32 keys (no NaN): key
+    descending, index ascending among equal keys (-0.0 equal to 0.0). One unstable sort of
+    unique int64 codes, (order-reversed key bits) << s | index, s the bits of the largest
+    index: 46 ms vs a stable sort's 113 ms for 1e6 keys (benchmarks/RESULTS.md)."""
+    n = key.numel()
+    s = max(1, (n - 1).bit_length())
+    if s > 31:  # codes would not fit 63 bits
+        return torch.sort(key, descending=True, stable=True).indices
+    b = (key + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes 0.0
+    b ^= (b >> 31) & 0x7FFFFFFF  # the bits of a float32, monotone as signed integers
+    code = ((0x7FFFFFFF - b) << s) | torch.arange(n, dtype=torch.int64)
+    return torch.sort(code).values & ((1 << s) - 1)
 
 
 def _top_key(chunk: torch.Tensor, rank_by: str, lowest: bool) -> float:
@@ -425,6 +486,16 @@ def _top_key(chunk: torch.Tensor, rank_by: str, lowest: bool) -> float:
     return -lo if lowest else hi
 
 
+def _check_nan(top: float, chunk: torch.Tensor, name: str) -> None:
+    """Refuse a block whose largest key is NaN."""
+    if math.isnan(top):
+        n_nan = int(torch.isnan(chunk).sum())
+        raise CwaError(
+            f"Scores of {name!r} contain NaN (at least {n_nan} entries); NaN cannot be "
+            "ranked. Re-score, or check the model and data for non-finite values."
+        )
+
+
 def _stream_tensor(
     stream: _TopKStream, scores, name: str, offset: int, chunk_elems: int, rank_by: str,
     lowest: bool, stats: _StatsStream | None = None, p: int = 0,
@@ -435,27 +506,31 @@ def _stream_tensor(
 
     The common case, once the stream has a threshold, is a chunk whose largest key is
     below it: then nothing in it can enter or tie, and the chunk costs one reduction."""
-    for start, chunk in _blocks(scores, name, chunk_elems, TOPK_BLOCK_ELEMS if stats is None else BLOCK_ELEMS):
+    passing = False  # the previous block reached the threshold
+    for start, chunk in _blocks(scores, name, chunk_elems, BLOCK_ELEMS):
         if chunk.numel() == 0:
             continue
-        a = None
-        if stats is None:
-            top = _top_key(chunk, rank_by, lowest)
-        else:
+        a = top = None
+        if stats is not None:
             lo, hi, a = stats.add(p, chunk)
             top = max(-lo, hi) if rank_by == "abs" else hi
-        if math.isnan(top):
-            n_nan = int(torch.isnan(chunk).sum())
-            raise CwaError(
-                f"Scores of {name!r} contain NaN (at least {n_nan} entries); NaN cannot be "
-                "ranked. Re-score, or check the model and data for non-finite values."
-            )
-        if stream.thr is not None and top < stream.thr:
-            continue
+        elif stream.thr is None or not passing:
+            top = _top_key(chunk, rank_by, lowest)
+        # else: while blocks keep reaching the threshold, the group filter's reduction
+        # gives the block's largest key, and a first reduction for it would be wasted
+        if top is not None:
+            _check_nan(top, chunk, name)
+            if stream.thr is not None and top < stream.thr:
+                passing = False
+                continue
         key = a if a is not None and rank_by == "abs" and not lowest else None
-        stream.feed(offset + start, chunk, key, rank_by, lowest)
+        seen = stream.feed(offset + start, chunk, key)
+        if seen is not None:
+            _check_nan(seen, chunk, name)
+            passing = not seen < stream.thr
 
 
+@_rank_threads
 def _rank(scores, k, mode, rank_by, chunk_elems, lowest, kind, seed, stats=None) -> Selection:
     _check_args(k, mode, rank_by)
     k = int(k)
@@ -512,7 +587,7 @@ def _rank_global(
     """One stream over every tensor (positions offset by tensor): the draw, the ties at
     K and the K-th key."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    stream = _TopKStream(k)
+    stream = _TopKStream(k, rank_by, lowest)
     for p, name in enumerate(names):
         _stream_tensor(stream, scores, name, int(offsets[p]), chunk_elems, rank_by, lowest, stats, p)
     pos, raw, ties, kth = stream.finish()
@@ -541,7 +616,7 @@ def _rank_per_layer(
         if n == 0:
             kth_keys.append(None)
             continue
-        stream = _TopKStream(min(k, n))
+        stream = _TopKStream(min(k, n), rank_by, lowest)
         _stream_tensor(stream, scores, name, 0, chunk_elems, rank_by, lowest, stats, p)
         pos, raw, t_ties, kth = stream.finish()
         if n > k:
@@ -586,6 +661,7 @@ def bottomk(
     return _rank(scores, k, mode, rank_by, chunk_elems, True, "bottom_k", seed)
 
 
+@_rank_threads
 def rank_with_stats(
     scores,
     k: int,
@@ -606,6 +682,18 @@ def rank_with_stats(
 
 
 # --------------------------------------------------------------------------- statistics
+
+
+def _fsum(t: torch.Tensor) -> float:
+    """Σ t of float32 values: float32 cascade sums of pieces of at most `SUM_ELEMS`
+    entries (torch's `sum`; not `dot`, whose BLAS float32 accumulators lose 1e-5 relative
+    on 2^18 terms), added in float64."""
+    n = t.numel()
+    if n <= SUM_ELEMS:
+        return float(t.sum())
+    m = n - n % SUM_ELEMS
+    total = sum(t[:m].view(-1, SUM_ELEMS).sum(dim=1).tolist())
+    return total + float(t[m:].sum()) if m < n else total
 
 
 class _Moments:
@@ -631,29 +719,28 @@ class _Moments:
         nb = x.numel()
         if nb == 0:
             return
-        c = float(x.sum())  # float32 cascade sum: c is only a shift, any value near the mean
+        c = _fsum(x)  # c is only a shift: any value near the mean
         if not math.isfinite(c):
             c = float(x.sum(dtype=torch.float64))
-        c = torch.tensor(c / nb, dtype=x.dtype)
+        c = float(np.float32(c / nb))  # a float32 value: x − c is computed in float32
         d = torch.sub(x, c, out=scratch.get("d", nb))
-        # float32 cascade sums (torch's `sum`; not `dot`, whose BLAS float32 accumulators
-        # lose 1e-5 relative on 2^18 terms): Σd² and Σ|x| (non-negative terms) are within
-        # a few ulps; Σd is a sum of terms of both signs near 0, whose rounding errors
+        # float32 cascade sums (`_fsum`): Σd² and Σ|x| (non-negative terms) are within a
+        # few ulps; Σd is a sum of terms of both signs near 0, whose rounding errors
         # average out: about ε·σ·sqrt(log n / n) on the mean (1e-9 σ per 2^18-entry
         # block), far below the resolution of float32 scores (float64 where a float32 sum
         # would overflow)
-        s1 = float(d.sum())
-        s2 = float(d.square_().sum())
+        s1 = _fsum(d)
+        s2 = _fsum(d.square_())
         if not math.isfinite(s2):  # |x − c| beyond float32's square root of its range
-            dd = x.double() - float(c)
+            dd = x.double() - c
             s1, s2 = float(dd.sum()), float(dd.square_().sum())
-        abs_sum = float(a.sum())
+        abs_sum = _fsum(a)
         if not math.isfinite(abs_sum):
             abs_sum = float(a.sum(dtype=torch.float64))
         self.abs_sum += abs_sum
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
-        self._merge(nb, float(c) + s1 / nb, max(s2 - s1 * s1 / nb, 0.0))
+        self._merge(nb, c + s1 / nb, max(s2 - s1 * s1 / nb, 0.0))
 
     def merge(self, other: _Moments) -> None:
         if other.n == 0:
@@ -718,6 +805,7 @@ def bin_abs(a: torch.Tensor, edges32: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(a, edges32, right=True, out_int32=True)
 
 
+@_rank_threads
 def sensitivity_stats(
     scores,
     selection: Selection | None = None,
@@ -801,20 +889,22 @@ class _StatsStream:
                                              out=self.scratch.get("cell", x.numel(), torch.int32))
             counts = torch.bincount(cell, minlength=_N_CELLS).numpy()
             self.cells[p] += counts
-            self._range(p, a, xlo, xhi, counts[0] > 0)
+            self._range(p, a, xlo, xhi, counts)
             self.moments[p].add_chunk(x, a, xlo, xhi, self.scratch)
             return lo, hi, a if finite else None
         return lo, hi, None
 
-    def _range(self, p: int, a: torch.Tensor, lo: float, hi: float, in_cell0: bool) -> None:
-        """The zeros of the block and the range of its positive |s| (``in_cell0``: the
-        block has entries in cell 0, the only cell that holds zeros)."""
+    def _range(self, p: int, a: torch.Tensor, lo: float, hi: float, counts: np.ndarray) -> None:
+        """The zeros of the block and the range of its positive |s| (``counts``: the
+        block's entries per cell; cell 0 is the only one that holds zeros)."""
         self.abs_hi = max(self.abs_hi, -lo, hi)
         if lo > 0 or hi < 0:  # one sign: no zeros, the smallest |s| is an end
             self.abs_lo = min(self.abs_lo, lo if lo > 0 else -hi)
             return
-        if not in_cell0:  # no zeros: the smallest |s| is positive
-            self.abs_lo = min(self.abs_lo, float(a.min()))
+        if not counts[0]:  # no zeros: the smallest |s| is positive, in the lowest cell
+            floor = np.int32(int((counts != 0).argmax()) << _CELL_SHIFT).view(np.float32)
+            if self.abs_lo >= floor:  # else nothing here is below the smallest so far
+                self.abs_lo = min(self.abs_lo, float(a.min()))
             return
         an = a.numpy()
         is_zero = an == 0

@@ -400,6 +400,70 @@ def test_nan_in_a_chunk_below_the_threshold_still_raises():
                 (bottomk if lowest else topk)(DictScores({"a": x}), 2, rank_by=rank_by, chunk_elems=4)
 
 
+def _passing_blocks(rank_by: str, lowest: bool, n: int) -> torch.Tensor:
+    """Scores whose every block ranks above all earlier ones, so that each block reaches
+    the running threshold (the top-K then skips its first reduction)."""
+    up = torch.arange(1, n + 1, dtype=torch.float32)
+    if rank_by == "abs":
+        up = up * torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)  # both signs
+        return up.flip(0) if lowest else up
+    return -up if lowest else up
+
+
+@pytest.mark.parametrize("where", ["group", "tail"])
+def test_nan_in_a_block_that_skips_the_first_reduction_still_raises(where):
+    # blocks of 61 entries: 7 groups of 8 and a tail of 5; every block reaches the
+    # threshold, so the group keys (or the tail) are the only check the NaN meets
+    for rank_by in ("abs", "value"):
+        for lowest in (False, True):
+            x = _passing_blocks(rank_by, lowest, 61 * 40)
+            x[61 * 30 + (3 if where == "group" else 58)] = float("nan")
+            fn = bottomk if lowest else topk
+            with pytest.raises(CwaError, match="NaN"):
+                fn(DictScores({"a": x}), 5, rank_by=rank_by, chunk_elems=61)
+            x[61 * 30 + (3 if where == "group" else 58)] = 0.5
+            _check(fn(DictScores({"a": x}), 5, rank_by=rank_by, chunk_elems=61),
+                   _ref_global({"a": x}, 5, rank_by, lowest))
+
+
+def test_rank_order_is_a_stable_descending_sort():
+    from cwa.ranking import rank_order
+
+    special = torch.tensor([-0.0, 0.0, 1.0, -1.0, float("inf"), float("-inf"), 1.0, -0.0,
+                            2.5, -2.5, 0.0, 1e-45, -1e-45, 3.4e38, -3.4e38])
+    rng = np.random.default_rng(11)
+    for x in [special, special[:1], torch.from_numpy(rng.integers(-4, 5, 3001).astype(np.float32) / 2),
+              torch.from_numpy(rng.standard_normal(4096).astype(np.float32))]:
+        want = np.argsort(-x.numpy().astype(np.float64), kind="stable")  # -0.0 == 0.0: ties
+        assert np.array_equal(rank_order(x).numpy(), want)
+
+
+def test_ranking_runs_on_one_torch_thread_and_restores_the_count():
+    import cwa.ranking as R
+
+    seen = []
+
+    class Spy(DictScores):
+        def get(self, name):
+            seen.append(torch.get_num_threads())
+            return super().get(name)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sc = Spy({"a": torch.randn(300), "b": torch.randn(40)})
+        topk(sc, 5)
+        rank_with_stats(sc, 5)
+        sensitivity_stats(sc)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(CwaError, match="NaN"):
+            topk(Spy({"a": torch.tensor([1.0, float("nan")])}), 1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {R.RANK_THREADS}
+
+
 # ----------------------------------------------------------------------------- arithmetic binning
 
 
