@@ -100,11 +100,12 @@ GROUP_ELEMS = 8
 # fewer of them, and a threshold that rises later)
 COMPACT_AT = 2
 # Ranking and statistics run their tensor arithmetic on this many torch threads (restored
-# afterwards). Their operations are one pass over a block in cache, too short for a
-# second thread to gain; on two cores the idle thread's spin-wait cost about as much CPU
-# time again (top-K of 1e9 scores, K = 1e6: 1.6 s wall and 1.6 s CPU on one thread,
-# 1.6-2.2 s wall and 2.9-4.3 s CPU on two) and slowed the file reads on the other core
-# by 2-4x in some runs (benchmarks/RESULTS.md, "fifth round").
+# afterwards). Their operations are single passes over a block in cache, too short for a
+# second thread to gain much; on two cores the idle OpenMP thread spin-waits, which
+# doubles the CPU time and at times slowed the file reads by 2-4x. Measured on 1e9 scores
+# (benchmarks/RESULTS.md, "fifth round"), medians of 6 alternating runs, one / two
+# threads: top-K at K = 1e6 1.46 / 1.42 s wall (1.5 / 2.7 s CPU), whole rank at K = 100
+# 2.84 / 3.51 s, at K = 1e6 4.35 / 3.66 s; spread (slowest / fastest run) 1.3-1.7x / 2.1x.
 RANK_THREADS = 1
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 RANK_BY = ("abs", "value")
