@@ -82,9 +82,10 @@ from cwa.registry import check_choice
 
 DEFAULT_CHUNK_ELEMS = 2**24
 # Ranking and statistics read in blocks of at most this many entries (pieces of a file
-# in reused buffers, `source_chunks`). Measured on 1e9 scores, K = 1e6, medians of 3
-# (benchmarks/RESULTS.md), top-K in blocks of 2^18 / 2^19 / 2^20 entries: 2.06 / 1.57 /
-# 1.80 s (fewer calls per entry against temporaries that stay in cache).
+# in reused buffers, `source_chunks`), the top-K and the statistics alike. Measured on
+# 1e9 scores, K = 1e6, medians of 3 (benchmarks/RESULTS.md), top-K in blocks of 2^18 /
+# 2^19 / 2^20 entries: 2.06 / 1.57 / 1.80 s (fewer calls per entry against temporaries
+# that stay in cache).
 BLOCK_ELEMS = 2**19
 # The statistics' float32 sums run over pieces of at most this many entries, added in
 # float64: one cascade sum of 2^19 heavy-tailed terms missed 1e-8 relative (Σd² of a
@@ -97,7 +98,8 @@ SUM_ELEMS = 2**18
 GROUP_ELEMS = 8
 # The candidate buffer is compacted back to K entries once it holds more than this many
 # times K (each compaction is a selection over the whole buffer; a larger buffer means
-# fewer of them, and a threshold that rises later)
+# fewer of them, and a threshold that rises later: 2, 3 and 4 measured alike, top-K of
+# 1e9 scores at K = 1e6, benchmarks/RESULTS.md "fifth round")
 COMPACT_AT = 2
 # Ranking and statistics run their tensor arithmetic on this many torch threads (restored
 # afterwards). Their operations are single passes over a block in cache, too short for a
