@@ -733,6 +733,14 @@ class Scores:
         for start in range(0, flat.numel(), step):
             yield start, flat[start : start + step]
 
+    def sample_runs(self, name: str, starts: list[int], length: int):
+        """float32 runs of `length` entries of the flat tensor from each start, concatenated
+        (a sample of it; ranking uses one to seed its threshold). Unverified."""
+        import torch
+
+        flat = self.get(name).reshape(-1)
+        return torch.cat([flat[s : s + length] for s in starts]).float() if starts else flat[:0].float()
+
     def verify(self) -> None:
         """In memory there is nothing to verify (a file checks its tensors' SHA-256)."""
 
@@ -869,6 +877,24 @@ class ScoresFile(Scores):
                 raise ArtifactError(f"{self.path}: tensor {name!r} is truncated")
             got += n
         return out
+
+    def sample_runs(self, name: str, starts: list[int], length: int):
+        """float32 runs of `length` entries from each flat start, concatenated, read from
+        the file without reading the rest (unverified: a sample only steers how ranking
+        filters; the pass over the whole tensor verifies it). None when the stored dtype
+        is not read directly."""
+        import torch
+
+        if not self._readable(name):
+            return None
+        n = self.numel(name)
+        parts = []
+        with open(self.path, "rb", buffering=0) as f:
+            for s in starts:
+                count = min(length, n - s)
+                if count > 0:
+                    parts.append(self._read(f, name, s, count).to(torch.float32))
+        return torch.cat(parts) if parts else torch.zeros(0)
 
     def get(self, name: str, verify: bool = True):
         """The whole tensor as float32 (hash-verified when the file carries hashes)."""

@@ -28,8 +28,12 @@ scores; keys are recomputed from the scores). While chunks keep reaching the thr
 (large K), the first reduction is skipped: the group keys give the chunk's largest key
 and find a NaN. Peak memory is one chunk plus O(K), and the result is exactly the
 stable-sort definition above, because the global top-K is contained in the union of
-per-chunk top-Ks. The final order is one sort of unique integer codes (key bits,
-position; `rank_order`). Ranking and statistics run on `RANK_THREADS` torch thread(s).
+per-chunk top-Ks. Before the first compaction, a global top-K of a large population
+lets in only keys at or above a floor estimated from a sample (`_sample_floor`); the
+stream counts whether K entries reached it and otherwise streams again without one, so
+the floor changes the time, never the result. The final order is one sort of unique
+integer codes (key bits, position; `rank_order`). Ranking and statistics run on
+`RANK_THREADS` torch thread(s).
 
 ``ties_at_k`` is the number of entries in the whole population whose key equals the K-th
 key, the K-th itself included (1 means the cut is unambiguous). Entries rejected along the
@@ -101,6 +105,18 @@ GROUP_ELEMS = 8
 # fewer of them, and a threshold that rises later: 2, 3 and 4 measured alike, top-K of
 # 1e9 scores at K = 1e6, benchmarks/RESULTS.md "fifth round")
 COMPACT_AT = 2
+# Before a global top-K, a sample of the scores (`SAMPLE_RUNS` runs of `SAMPLE_LEN`
+# entries spread evenly over the population, read through the source's `sample_runs`)
+# gives a floor: the key with about K/N·m + `FLOOR_SIGMAS`·sqrt(K/N·m) sample entries at or
+# above it, so that, with a margin of that many standard deviations, at least K scores of
+# the population reach it. Until the first compaction the stream lets in only entries at
+# or above the floor (instead of every entry); whether K of them were seen is counted,
+# and if not (the floor was too high) the top-K is streamed again without one, so the
+# result never depends on the sample. At K = 1e6 of 1e9 this cuts the entrants from
+# ~8.9 M to ~1.5 M (benchmarks/RESULTS.md, "fifth round").
+SAMPLE_RUNS = 4096
+SAMPLE_LEN = 64
+FLOOR_SIGMAS = 8.0
 # Ranking and statistics run their tensor arithmetic on this many torch threads (restored
 # afterwards). Their operations are single passes over a block in cache, too short for a
 # second thread to gain much; on two cores the idle OpenMP thread spin-waits, which
@@ -199,7 +215,8 @@ class Selection:
 class ScoresSource(Protocol):
     """What ranking, statistics, controls and stability read: `cwa.artifacts.Scores`
     (in memory), `cwa.artifacts.ScoresFile` (a file, read piece by piece) and
-    `DictScores` all are one. `chunks(name, n)` is optional (else `get` is sliced)."""
+    `DictScores` all are one. `chunks(name, n)` is optional (else `get` is sliced), and
+    so is `sample_runs(name, starts, length)` (without it, no sample floor)."""
 
     names: list[str]
 
@@ -221,6 +238,11 @@ class DictScores:
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name].float()
+
+    def sample_runs(self, name: str, starts: list[int], length: int) -> torch.Tensor:
+        """float32 runs of `length` entries of the flat tensor from each start, concatenated."""
+        flat = self._tensors[name].reshape(-1)
+        return torch.cat([flat[s : s + length] for s in starts]).float() if starts else flat[:0].float()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -312,6 +334,17 @@ class _Scratch:
         return buf[:n]
 
 
+def _key_of(raw: torch.Tensor, rank_by: str, lowest: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The ranking keys of raw scores (the scores themselves for the top-K by value), in
+    ``out`` where given, else in a new tensor."""
+    if rank_by == "value" and not lowest:
+        return raw
+    if rank_by == "abs":
+        key = torch.abs(raw, out=out) if out is not None else torch.abs(raw)
+        return key.neg_() if lowest else key
+    return torch.neg(raw, out=out) if out is not None else torch.neg(raw)
+
+
 class _TopKStream:
     """Exact streaming top-k of (key, position) pairs fed in ascending position order.
 
@@ -322,8 +355,10 @@ class _TopKStream:
     which anything was rejected (see the module docstring).
     """
 
-    def __init__(self, k: int, rank_by: str, lowest: bool) -> None:
+    def __init__(self, k: int, rank_by: str, lowest: bool, floor: float | None = None) -> None:
         self.k, self.rank_by, self.lowest = k, rank_by, lowest
+        self.floor = floor  # until the first compaction, only keys >= floor enter
+        self.entered = 0  # entries that entered (each at or above the floor)
         self.pos: list[torch.Tensor] = []
         self.raw: list[torch.Tensor] = []
         self.size = 0
@@ -333,14 +368,7 @@ class _TopKStream:
         self.scratch = _Scratch()
 
     def key_of(self, raw: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The keys of raw scores (the scores themselves for the top-K by value), in
-        ``out`` where given, else in a new tensor."""
-        if self.rank_by == "value" and not self.lowest:
-            return raw
-        if self.rank_by == "abs":
-            key = torch.abs(raw, out=out) if out is not None else torch.abs(raw)
-            return key.neg_() if self.lowest else key
-        return torch.neg(raw, out=out) if out is not None else torch.neg(raw)
+        return _key_of(raw, self.rank_by, self.lowest, out)
 
     def _block_key(self, raw: torch.Tensor) -> torch.Tensor:
         """`key_of` into a scratch buffer (valid until the next block)."""
@@ -384,22 +412,35 @@ class _TopKStream:
             return torch.amin(x, dim=0).neg_() if self.lowest else torch.amax(x, dim=0)
         return torch.maximum(torch.amax(x, dim=0), torch.amin(x, dim=0).neg_())
 
+    @property
+    def bar(self) -> float | None:
+        """What a key must reach to be looked at: the threshold, else the floor."""
+        return self.thr if self.thr is not None else self.floor
+
+    @property
+    def complete(self) -> bool:
+        """Whether the result is exact: no floor, or K entries at or above it were seen."""
+        return self.floor is None or self.entered >= self.k
+
     def feed(self, start: int, raw: torch.Tensor, key: torch.Tensor | None) -> float | None:
         """Offer one block; ``start`` is the position of its first entry, ``key`` its keys
         where already computed (None: computed here, for the entries that need one).
         Returns the block's largest key when the threshold filter computed it on the way
         (NaN when the block holds a NaN: nothing of it has entered then), else None."""
         top = None
-        if self.thr is None:
+        if self.bar is None:
             idx = None
             if key is None:
                 key = self._block_key(raw)
         else:
-            # the groups whose largest key reaches the threshold, and the last n mod
-            # GROUP_ELEMS entries, in position order; then their entries that do, split
-            # into ties (counted) and entrants. A NaN makes its group's key NaN (max and
-            # min propagate it), which compares false: it never enters, and `top` says so
-            n, thr = raw.numel(), np.float32(self.thr)
+            # the groups whose largest key reaches the bar, and the last n mod GROUP_ELEMS
+            # entries, in position order; then their entries that do. Against the
+            # threshold, entries equal to it are ties (counted) and those above enter;
+            # against the floor, every entry at or above it enters. A NaN makes its
+            # group's key NaN (max and min propagate it), which compares false: it never
+            # enters, and `top` says so
+            strict = self.thr is not None
+            n, thr = raw.numel(), np.float32(self.bar)
             g = n // GROUP_ELEMS
             gk = self.group_keys(raw, key).numpy()
             top = float(gk.max()) if g else -math.inf
@@ -416,9 +457,9 @@ class _TopKStream:
             if n > g * GROUP_ELEMS:
                 tail = float(kn[g * GROUP_ELEMS - n :].max())
                 top = tail if math.isnan(tail) or tail > top else top  # NaN wins
-            n_eq = int(np.count_nonzero(kn == thr))
-            self._rejected(self.thr, n_eq)
-            keep = np.flatnonzero(kn > thr)
+            if strict:
+                self._rejected(self.thr, int(np.count_nonzero(kn == thr)))
+            keep = np.flatnonzero(kn > thr if strict else kn >= thr)
             if keep.size == 0:
                 return top
             keep_t = torch.from_numpy(keep)
@@ -426,6 +467,7 @@ class _TopKStream:
             raw = torch.index_select(raw, 0, keep_t)
             if keep.size > self.k:
                 key = torch.index_select(key, 0, keep_t)
+        self.entered += raw.numel()
         if raw.numel() > self.k:
             sel, _ = self._select(key)
             raw = raw[sel]
@@ -517,20 +559,20 @@ def _stream_tensor(
         if stats is not None:
             lo, hi, a = stats.add(p, chunk)
             top = max(-lo, hi) if rank_by == "abs" else hi
-        elif stream.thr is None or not passing:
+        elif stream.bar is None or not passing:
             top = _top_key(chunk, rank_by, lowest)
-        # else: while blocks keep reaching the threshold, the group filter's reduction
-        # gives the block's largest key, and a first reduction for it would be wasted
+        # else: while blocks keep reaching the bar, the group filter's reduction gives the
+        # block's largest key, and a first reduction for it would be wasted
         if top is not None:
             _check_nan(top, chunk, name)
-            if stream.thr is not None and top < stream.thr:
+            if stream.bar is not None and top < stream.bar:
                 passing = False
                 continue
         key = a if a is not None and rank_by == "abs" and not lowest else None
         seen = stream.feed(offset + start, chunk, key)
         if seen is not None:
             _check_nan(seen, chunk, name)
-            passing = not seen < stream.thr
+            passing = not seen < stream.bar
 
 
 @_rank_threads
@@ -590,13 +632,50 @@ def _rank_global(
     """One stream over every tensor (positions offset by tensor): the draw, the ties at
     K and the K-th key."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    stream = _TopKStream(k, rank_by, lowest)
+    stream = _TopKStream(k, rank_by, lowest, _sample_floor(scores, names, sizes, k, rank_by, lowest))
     for p, name in enumerate(names):
         _stream_tensor(stream, scores, name, int(offsets[p]), chunk_elems, rank_by, lowest, stats, p)
+    if not stream.complete:  # fewer than K entries reached the floor: again, without one
+        stream = _TopKStream(k, rank_by, lowest)
+        for p, name in enumerate(names):
+            _stream_tensor(stream, scores, name, int(offsets[p]), chunk_elems, rank_by, lowest)
     pos, raw, ties, kth = stream.finish()
     param_index = np.searchsorted(offsets, pos, side="right") - 1
     flat_index = pos - offsets[param_index]
     return Draw(param_index, flat_index, raw), ties, -kth if lowest else kth
+
+
+def _sample_floor(scores, names: list[str], sizes: np.ndarray, k: int, rank_by: str,
+                  lowest: bool) -> float | None:
+    """A key that at least K of the population's keys reach, with a margin of
+    `FLOOR_SIGMAS` standard deviations, from `SAMPLE_RUNS` runs of `SAMPLE_LEN` entries
+    at evenly spaced positions of each tensor (as many runs as its share of the
+    population); None where a sample cannot tell (a small population, K too small or too
+    large a share to estimate, a source without ``sample_runs``)."""
+    sampler = getattr(scores, "sample_runs", None)
+    n_total = int(sizes.sum())
+    m_target = SAMPLE_RUNS * SAMPLE_LEN
+    q = k / n_total
+    if sampler is None or n_total < 4 * m_target or m_target * q < 4 or q > 0.1:
+        return None
+    parts = []
+    for p, name in enumerate(names):
+        n = int(sizes[p])
+        runs = round(SAMPLE_RUNS * n / n_total)
+        if runs == 0 or n < SAMPLE_LEN:
+            continue
+        starts = ((np.arange(runs) + 0.5) * (n / runs) - SAMPLE_LEN / 2).astype(np.int64)
+        x = sampler(name, np.clip(starts, 0, n - SAMPLE_LEN).tolist(), SAMPLE_LEN)
+        if x is None:
+            return None
+        parts.append(x.reshape(-1).float())
+    key = _key_of(torch.cat(parts), rank_by, lowest) if parts else torch.zeros(0)
+    key = key[~torch.isnan(key)]
+    mq = key.numel() * q
+    r = max(1, math.ceil(mq + FLOOR_SIGMAS * math.sqrt(mq) + 1))
+    if r > key.numel() // 2:
+        return None
+    return float(torch.topk(key, r).values[-1])
 
 
 def _rank_per_layer(

@@ -102,6 +102,23 @@ def test_chunks_with_reuse_read_into_two_buffers_in_turn(tmp_path, monkeypatch, 
             pass
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sample_runs_read_only_the_runs_asked_for(tmp_path, dtype):
+    """A file's `sample_runs` (what ranking seeds its floor from) equals the same slices
+    of the tensor, a run at the end is cut short, and an in-memory source agrees."""
+    t = {"w": torch.randn(7, 53), "b": torch.randn(40)}
+    p = A.write_scores(tmp_path / "s.safetensors", t, {}, dtype=dtype)
+    want = t["w"].to(getattr(torch, dtype)).float().reshape(-1)
+    starts = [0, 100, 250, 360]  # the last run: 11 of 16 entries left
+    expect = torch.cat([want[s : s + 16] for s in starts])
+    got = A.open_scores(p).sample_runs("w", starts, 16)
+    assert got.dtype == torch.float32 and got.numel() == 3 * 16 + 11
+    assert torch.equal(got, expect)
+    mem = A.open_scores(p).tensors()
+    assert torch.equal(A.Scores(mem, {}).sample_runs("w", starts, 16), expect)
+    assert A.open_scores(p).sample_runs("w", [], 16).numel() == 0
+
+
 def _no_hashing(monkeypatch):
     """Make any SHA-256 of scores data fail the test (the file must be trusted unread)."""
 

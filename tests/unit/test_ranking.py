@@ -464,6 +464,147 @@ def test_ranking_runs_on_one_torch_thread_and_restores_the_count():
     assert seen and set(seen) == {R.RANK_THREADS}
 
 
+@pytest.fixture
+def small_sample(monkeypatch):
+    """A sample floor for populations of thousands (the defaults need millions)."""
+    import cwa.ranking as R
+
+    monkeypatch.setattr(R, "SAMPLE_RUNS", 64)
+    monkeypatch.setattr(R, "SAMPLE_LEN", 4)
+    return R
+
+
+def _floor_tensors():
+    rng = np.random.default_rng(21)
+    return {  # ties (integers), a scale that grows along the order, a late block of entrants
+        "a": torch.from_numpy(rng.integers(-9, 10, size=(30, 70)).astype(np.float32)),
+        "b": torch.from_numpy(rng.standard_normal(2500).astype(np.float32) * 4),
+        "c": torch.from_numpy(np.concatenate([rng.integers(-12, 13, 1400), np.full(60, 40)]).astype(np.float32)),
+    }
+
+
+def test_sample_floor_is_used_and_exact(small_sample):
+    R = small_sample
+    tensors = _floor_tensors()
+    sizes = R.population_sizes(DictScores(tensors))
+    for rank_by in ("abs", "value"):
+        for lowest in (False, True):
+            for k in (150, 300, 500):
+                floor = R._sample_floor(DictScores(tensors), list(tensors), sizes, k, rank_by, lowest)
+                assert floor is not None  # the floor path is what this test is about
+                fn = bottomk if lowest else topk
+                for chunk in (64, 500):
+                    _check(fn(DictScores(tensors), k, rank_by=rank_by, chunk_elems=chunk),
+                           _ref_global(tensors, k, rank_by, lowest))
+            sel, _, _ = rank_with_stats(DictScores(tensors), 150, rank_by=rank_by, chunk_elems=64)
+            _check(sel, _ref_global(tensors, 150, rank_by))
+
+
+def test_a_floor_too_high_streams_again_and_stays_exact(small_sample, monkeypatch):
+    # a floor that fewer than K entries reach (but some do): the top-K is streamed again
+    # without one, and the statistics (fed by the first pass) are not counted twice
+    R = small_sample
+    tensors = _floor_tensors()
+    k = 300
+    streams = []
+    real = R._TopKStream
+
+    class Counting(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            streams.append(self)
+
+    monkeypatch.setattr(R, "_TopKStream", Counting)
+    vals = _concat(tensors)[0]
+    for rank_by in ("abs", "value"):
+        for lowest in (False, True):
+            key = _key(vals, rank_by) * (-1 if lowest else 1)
+            distinct = np.unique(key)
+            reach = np.array([np.count_nonzero(key >= v) for v in distinct])
+            floor = float(distinct[reach < k].min())  # the lowest floor fewer than K reach
+            monkeypatch.setattr(R, "_sample_floor", lambda *a, f=floor: f)
+            streams.clear()
+            fn = bottomk if lowest else topk
+            _check(fn(DictScores(tensors), k, rank_by=rank_by, chunk_elems=64),
+                   _ref_global(tensors, k, rank_by, lowest))
+            assert streams[0].floor == floor and 0 < streams[0].entered < k
+            assert len(streams) == 2 and streams[1].floor is None
+            if rank_by == "abs" and not lowest:
+                sel, st, hist = rank_with_stats(DictScores(tensors), k, chunk_elems=64)
+                _check(sel, _ref_global(tensors, k, "abs"))
+                want, want_hist = sensitivity_stats(DictScores(tensors), sel, chunk_elems=64)
+                assert st == want
+                np.testing.assert_array_equal(hist["counts"], want_hist["counts"])
+
+
+def test_a_floor_at_the_kth_key_needs_one_pass_and_skips_blocks_below_it(small_sample, monkeypatch):
+    # 50 blocks of 64 entries below the floor, then 10 with ties at the K-th key (the
+    # floor itself): entries equal to the floor enter, so one pass suffices, and the
+    # blocks below it are never offered to the stream
+    R = small_sample
+    low = np.full(50 * 64, 0.5, dtype=np.float32)
+    high = np.tile(np.arange(1, 65, dtype=np.float32) % 8, 10)  # keys 0..7, many ties
+    tensors = {"a": torch.from_numpy(np.concatenate([low, high]))}
+    k = 100
+    kth = float(np.sort(np.concatenate([low, high]))[::-1][k - 1])
+    assert np.count_nonzero(high == kth) > 1  # ties at the K-th key
+    monkeypatch.setattr(R, "_sample_floor", lambda *a: kth)
+    streams, fed = [], []
+    real = R._TopKStream
+
+    class Counting(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            streams.append(self)
+
+        def feed(self, start, raw, key):
+            fed.append(start)
+            return super().feed(start, raw, key)
+
+    monkeypatch.setattr(R, "_TopKStream", Counting)
+    _check(topk(DictScores(tensors), k, rank_by="value", chunk_elems=64),
+           _ref_global(tensors, k, "value"))
+    assert len(streams) == 1 and streams[0].complete
+    assert min(fed) >= 50 * 64 and len(fed) == 10
+
+
+def test_sample_floor_from_a_scores_file(small_sample, tmp_path, monkeypatch):
+    # the floor of a file's top-K comes from its `sample_runs` (plain reads of the runs),
+    # and ranking the file equals ranking the same tensors in memory
+    from cwa.artifacts import open_scores, write_scores
+
+    R = small_sample
+    tensors = _floor_tensors()
+    sc = open_scores(write_scores(tmp_path / "s.safetensors", tensors, {}))
+    floors = []
+    real = R._sample_floor
+    monkeypatch.setattr(R, "_sample_floor", lambda *a: floors.append(real(*a)) or floors[-1])
+    for lowest in (False, True):
+        sel = (bottomk if lowest else topk)(sc, 300, chunk_elems=64)
+        _check(sel, _ref_global(tensors, 300, "abs", lowest))
+    assert len(floors) == 2 and None not in floors
+
+
+def test_no_floor_for_small_k_small_populations_or_sources_without_samples(small_sample):
+    R = small_sample
+    tensors = _floor_tensors()
+    sizes = R.population_sizes(DictScores(tensors))
+    assert R._sample_floor(DictScores(tensors), list(tensors), sizes, 1, "abs", False) is None  # K·m/N < 4
+    assert R._sample_floor(DictScores(tensors), list(tensors), sizes, 1000, "abs", False) is None  # K/N > 0.1
+
+    class NoSamples:
+        names = list(tensors)
+
+        def shape(self, name):
+            return tuple(tensors[name].shape)
+
+        def get(self, name):
+            return tensors[name]
+
+    assert R._sample_floor(NoSamples(), list(tensors), sizes, 150, "abs", False) is None
+    _check(topk(NoSamples(), 150, chunk_elems=64), _ref_global(tensors, 150, "abs"))
+
+
 # ----------------------------------------------------------------------------- arithmetic binning
 
 
