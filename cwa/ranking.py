@@ -549,8 +549,9 @@ def _stream_tensor(
     with ``stats`` (top-K only), the same chunks also feed the statistics of tensor ``p``,
     so that ranking and statistics are one read of the scores.
 
-    The common case, once the stream has a threshold, is a chunk whose largest key is
-    below it: then nothing in it can enter or tie, and the chunk costs one reduction."""
+    The common case, once the stream has a bar (its threshold, or before that its
+    floor), is a chunk whose largest key is below it: then nothing in it can enter or tie,
+    and the chunk costs one reduction."""
     passing = False  # the previous block reached the threshold
     for start, chunk in _blocks(scores, name, chunk_elems, BLOCK_ELEMS):
         if chunk.numel() == 0:
@@ -808,8 +809,8 @@ class _Moments:
         d = torch.sub(x, c, out=scratch.get("d", nb))
         # float32 cascade sums (`_fsum`): Σd² and Σ|x| (non-negative terms) are within a
         # few ulps; Σd is a sum of terms of both signs near 0, whose rounding errors
-        # average out: about ε·σ·sqrt(log n / n) on the mean (1e-9 σ per 2^18-entry
-        # block), far below the resolution of float32 scores (float64 where a float32 sum
+        # average out: about ε·σ·sqrt(log n / n) on the mean (1e-9 σ per sum of 2^18
+        # terms), far below the resolution of float32 scores (float64 where a float32 sum
         # would overflow)
         s1 = _fsum(d)
         s2 = _fsum(d.square_())
