@@ -334,6 +334,11 @@ class _Scratch:
         return buf[:n]
 
 
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The pieces as one tensor (no copy of a single piece)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def _key_of(raw: torch.Tensor, rank_by: str, lowest: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """The ranking keys of raw scores (the scores themselves for the top-K by value), in
     ``out`` where given, else in a new tensor."""
@@ -482,10 +487,12 @@ class _TopKStream:
         self.size += raw.numel()
         if self.size > COMPACT_AT * self.k:
             self._compact()
+        elif len(self.pos) > 256:  # many small pieces (a floor, no compaction): one piece
+            self.pos, self.raw = [_joined(self.pos)], [_joined(self.raw)]
         return top
 
     def _compact(self) -> None:
-        pos, raw = torch.cat(self.pos), torch.cat(self.raw)
+        pos, raw = _joined(self.pos), _joined(self.raw)
         sel, self.thr = self._select(self.key_of(raw))
         self.pos, self.raw, self.size = [pos[sel]], [raw[sel]], sel.numel()
 
@@ -493,7 +500,7 @@ class _TopKStream:
         """(positions, raw scores) in rank order, ties_at_k, K-th key."""
         if self.size > self.k:
             self._compact()
-        pos, raw = torch.cat(self.pos), torch.cat(self.raw)
+        pos, raw = _joined(self.pos), _joined(self.raw)
         key = self.key_of(raw)
         order = rank_order(key)
         pos, key, raw = pos[order], key[order], raw[order]

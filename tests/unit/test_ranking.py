@@ -493,7 +493,7 @@ def test_sample_floor_is_used_and_exact(small_sample):
                 floor = R._sample_floor(DictScores(tensors), list(tensors), sizes, k, rank_by, lowest)
                 assert floor is not None  # the floor path is what this test is about
                 fn = bottomk if lowest else topk
-                for chunk in (64, 500):
+                for chunk in (16, 64, 500):  # 16: over 256 pieces, joined
                     _check(fn(DictScores(tensors), k, rank_by=rank_by, chunk_elems=chunk),
                            _ref_global(tensors, k, rank_by, lowest))
             sel, _, _ = rank_with_stats(DictScores(tensors), 150, rank_by=rank_by, chunk_elems=64)
@@ -583,6 +583,18 @@ def test_sample_floor_from_a_scores_file(small_sample, tmp_path, monkeypatch):
         sel = (bottomk if lowest else topk)(sc, 300, chunk_elems=64)
         _check(sel, _ref_global(tensors, 300, "abs", lowest))
     assert len(floors) == 2 and None not in floors
+
+
+def test_many_small_pieces_under_a_floor_are_joined_exactly(small_sample, monkeypatch):
+    # 700 blocks of 8, one entrant each above the floor: 700 pieces and no compaction
+    # (K < 700 <= 2K); the buffer joins its pieces along the way, losing none
+    R = small_sample
+    x = np.zeros((700, 8), dtype=np.float32)
+    x[np.arange(700), np.arange(700) % 8] = 10 + np.random.default_rng(3).permutation(700)
+    tensors = {"a": torch.from_numpy(x.reshape(-1))}
+    monkeypatch.setattr(R, "_sample_floor", lambda *a: 5.0)
+    _check(topk(DictScores(tensors), 400, rank_by="value", chunk_elems=8),
+           _ref_global(tensors, 400, "value"))
 
 
 def test_no_floor_for_small_k_small_populations_or_sources_without_samples(small_sample):
