@@ -736,10 +736,9 @@ class Scores:
     def sample_runs(self, name: str, starts: list[int], length: int):
         """float32 runs of `length` entries of the flat tensor from each start, concatenated
         (a sample of it; ranking uses one to seed its threshold). Unverified."""
-        import torch
+        from cwa.ranking import flat_runs
 
-        flat = self.get(name).reshape(-1)
-        return torch.cat([flat[s : s + length] for s in starts]).float() if starts else flat[:0].float()
+        return flat_runs(self.get(name), starts, length)
 
     def verify(self) -> None:
         """In memory there is nothing to verify (a file checks its tensors' SHA-256)."""

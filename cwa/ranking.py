@@ -67,7 +67,6 @@ of it. ``rank_with_stats`` feeds the same chunks to the top-K and to the statist
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import math
@@ -105,6 +104,9 @@ GROUP_ELEMS = 8
 # fewer of them, and a threshold that rises later: 2, 3 and 4 measured alike, top-K of
 # 1e9 scores at K = 1e6, benchmarks/RESULTS.md "fifth round")
 COMPACT_AT = 2
+# ... and its pieces are joined into one once there are more than this many (under a
+# floor, ~1900 small pieces would otherwise wait for the end: +30-40 MB of peak RSS)
+MAX_PIECES = 256
 # Before a global top-K, a sample of the scores (`SAMPLE_RUNS` runs of `SAMPLE_LEN`
 # entries spread evenly over the population, read through the source's `sample_runs`)
 # gives a floor: the key with about K/N·m + `FLOOR_SIGMAS`·sqrt(K/N·m) sample entries at or
@@ -240,12 +242,17 @@ class DictScores:
         return self._tensors[name].float()
 
     def sample_runs(self, name: str, starts: list[int], length: int) -> torch.Tensor:
-        """float32 runs of `length` entries of the flat tensor from each start, concatenated."""
-        flat = self._tensors[name].reshape(-1)
-        return torch.cat([flat[s : s + length] for s in starts]).float() if starts else flat[:0].float()
+        return flat_runs(self._tensors[name], starts, length)
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def flat_runs(tensor: torch.Tensor, starts: list[int], length: int) -> torch.Tensor:
+    """float32 runs of ``length`` entries of the flattened tensor from each start (cut
+    short at its end), concatenated: a sample for `_sample_floor`."""
+    flat = tensor.reshape(-1)
+    return torch.cat([flat[s : s + length] for s in starts] or [flat[:0]]).float()
 
 
 def _rank_threads(fn):
@@ -253,12 +260,14 @@ def _rank_threads(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        with contextlib.ExitStack() as stack:
-            before = torch.get_num_threads()
-            if before != RANK_THREADS:
-                torch.set_num_threads(RANK_THREADS)
-                stack.callback(torch.set_num_threads, before)
+        before = torch.get_num_threads()
+        if before == RANK_THREADS:
             return fn(*args, **kwargs)
+        torch.set_num_threads(RANK_THREADS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
 
     return run
 
@@ -487,7 +496,7 @@ class _TopKStream:
         self.size += raw.numel()
         if self.size > COMPACT_AT * self.k:
             self._compact()
-        elif len(self.pos) > 256:  # many small pieces (a floor, no compaction): one piece
+        elif len(self.pos) > MAX_PIECES:  # many small pieces (a floor, no compaction)
             self.pos, self.raw = [_joined(self.pos)], [_joined(self.raw)]
         return top
 
