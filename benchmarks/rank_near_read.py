@@ -19,6 +19,9 @@ one. Configurations alternate; medians of the repeats.
   new       `cwa.ranking.rank_with_stats`, what `cwa rank` computes in one pass, file
             verified before
   topk-first, new-first   the same, on the first read of the file
+  topk-t2, new-t2   topk and new with two torch threads (`cwa.ranking.RANK_THREADS = 2`)
+  topk-reads, new-reads   topk and new with the pieces read into two buffers in turn
+            (`cwa.artifacts.MAP_BYTES = 0`) instead of viewed in memory-mapped windows
   old       top-K, then `sensitivity_stats`, from `--before` (a saved copy of an earlier
             `cwa/ranking.py`), first read
 
@@ -62,6 +65,14 @@ if cfg.startswith("read"):
     print(json.dumps({"read_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}))
     sys.exit(0)
 cfg = cfg.removesuffix("-first")
+if cfg.endswith("-t2"):  # two torch threads for ranking instead of one
+    import cwa.ranking
+    cwa.ranking.RANK_THREADS = 2
+    cfg = cfg.removesuffix("-t2")
+if cfg.endswith("-reads"):  # the pieces read into buffers, not mapped (the earlier mechanism)
+    import cwa.artifacts
+    cwa.artifacts.MAP_BYTES = 0
+    cfg = cfg.removesuffix("-reads")
 if cfg == "old":
     spec = importlib.util.spec_from_file_location("cwa_ranking_before", before)
     R = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
@@ -150,10 +161,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     ks = [int(x) for x in a.k.split(",")]
     tensors, total = bench.llama_subset(a.billions, with_embedding=a.billions >= 1.0)
-    configs = ["read", "read-sha", "topk", "new", "topk-first", "new-first"] + (["old"] if a.before else [])
+    configs = ["read", "read-sha", "topk", "new", "topk-first", "new-first", "topk-reads", "new-reads",
+               "topk-t2", "new-t2"]
+    configs += ["old"] if a.before else []
     with tempfile.TemporaryDirectory(prefix="cwa-rank-read-") as d:
         warm, cold = Path(d) / "memo-verified", Path(d) / "memo-first"
-        env_of = {c: {**os.environ, "CWA_CACHE_DIR": str(warm if c in ("topk", "new") else cold)}
+        env_of = {c: {**os.environ, "CWA_CACHE_DIR": str(warm if c in ("topk", "new", "topk-reads", "new-reads", "topk-t2", "new-t2") else cold)}
                   for c in configs}
         path = a.file or Path(d) / "scores.safetensors"
         truth_file = Path(str(path) + ".truth.npz")
@@ -187,7 +200,7 @@ def main(argv=None) -> int:
                     print(f"[rank] K={k} {c}: {t} peak RSS {r['max_rss_bytes'] / 1e9:.2f} GB", file=sys.stderr)
             pi, fi, sc = bench.expected_topk(truth, k)
             exact[k] = {}
-            for c in [c for c in ("new", "new-first", "old") if c in configs]:
+            for c in [c for c in ("new", "new-first", "new-reads", "new-t2", "old") if c in configs]:
                 z = np.load(str(Path(d) / f"{c}-{k}") + ".npz")
                 exact[k][c] = bool(np.array_equal(z["param_index"], pi) and np.array_equal(z["flat_index"], fi)
                                    and np.array_equal(z["score"], sc) and int(z["ties"]) == 1)
@@ -211,6 +224,13 @@ def main(argv=None) -> int:
               f"| {t['new']:.2f} ({t['new'] / bare:.1f}x) "
               f"| {t['topk-first']:.2f} / {t['new-first']:.2f} ({t['topk-first'] / sha:.1f}x / "
               f"{t['new-first'] / sha:.1f}x) | {cpu['topk']:.2f} / {cpu['new']:.2f} | {rss:.2f} | {exact[k]} |")
+        print(f"|   | read into buffers (not mapped), verified before: top-K {t['topk-reads']:.2f} s "
+              f"({t['topk-reads'] / bare:.1f}x), whole {t['new-reads']:.2f} s ({t['new-reads'] / bare:.1f}x); "
+              f"mapped / read: top-K {t['topk'] / t['topk-reads']:.2f}, whole {t['new'] / t['new-reads']:.2f} "
+              "| | | | | | |")
+        print(f"|   | two torch threads, verified before: top-K {t['topk-t2']:.2f} s "
+              f"({t['topk-t2'] / bare:.1f}x), whole {t['new-t2']:.2f} s ({t['new-t2'] / bare:.1f}x) "
+              "| | | | | | |")
         if "old" in configs:
             print(f"|   | old (first read): whole rank {t['old']:.2f} s ({t['old'] / sha:.1f}x first read) | | | | | | |")
         # each repeat's times against the same repeat's read (this VM's speed drifts

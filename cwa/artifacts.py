@@ -586,6 +586,10 @@ _READ_BLOCK = 64 << 20  # bytes per read() call
 # (cache-sized temporaries, cheaper first selections) and keep the consumer's temporaries
 # small; statistics take the same time.
 PIECE_ELEMS = 1 << 20
+# Bytes per memory-mapped window of `ScoresFile.chunks(reuse=True)`; 0: plain reads.
+# Measured on a 4 GB file: 4 MB windows pass over it in 0.63-0.66 s, 16 MB in 0.42-0.48 s,
+# 64 MB in 0.44-0.54 s (mmap and munmap per window, first touch of every page).
+MAP_BYTES = 16 << 20
 # RSS growth (since the last release) after which `chunks()` hands freed heap memory back
 # to the OS (see `_ReleaseFreedHeap`).
 TRIM_BUDGET_BYTES = 128 << 20
@@ -778,10 +782,12 @@ class ScoresFile(Scores):
     """A scores artifact opened lazily: `names` in param order, one tensor at a time.
 
     Tensors are read with explicit file reads at the offsets of the safetensors header
-    into freshly allocated buffers, never through a memory map: pages of a mapped file
-    that have been touched count in the process's resident set until it is unmapped, so
-    streaming a 4 GB file through a map looks like a 4 GB process. `chunks()` therefore
-    holds one chunk at a time, and `get()` exactly one tensor.
+    into freshly allocated buffers, or, for `chunks(reuse=True)` (a consumer that keeps
+    no piece), through memory maps of one window of the file at a time: pages of a
+    mapped file that have been touched count in the process's resident set until it is
+    unmapped, so one map of a 4 GB file would look like a 4 GB process, and a window is
+    unmapped as soon as its pieces are gone. `chunks()` therefore holds about one chunk
+    (or two windows) at a time, and `get()` exactly one tensor.
     """
 
     path: Path
@@ -959,9 +965,10 @@ class ScoresFile(Scores):
 
         Pieces are at most `PIECE_ELEMS` values whatever `chunk_elems` asks (smaller
         pieces are as exact and faster to process). Each piece is a new tensor (a consumer
-        may keep it), unless `reuse`: then the pieces live in two buffers used in turn,
-        and a piece is overwritten when the next-but-one is read (the consumer copies what
-        it keeps). A fresh 4 MB buffer per piece costs a page fault per 4 KB whenever the
+        may keep it), unless `reuse`: then the pieces are views of a memory-mapped window
+        of the file (`_mapped_pieces`; with `MAP_BYTES` 0, two buffers read into in turn,
+        a piece overwritten when the next-but-one is read), and the consumer copies what
+        it keeps. A fresh 4 MB buffer per piece costs a page fault per 4 KB whenever the
         allocator has handed the previous one back to the OS, which it does or not by
         chance of heap layout: one read of a 4 GB file took 0.45 s or 2.1 s (49 K or 685 K
         page faults) from run to run; reused buffers fault once. With `verify`, the
@@ -978,6 +985,9 @@ class ScoresFile(Scores):
         h = None
         if verify and name not in self._verified and self._hash_of(name) is not None:
             h = _HashBehind()
+        if reuse and MAP_BYTES:
+            yield from self._mapped_pieces(name, step, h)
+            return
         ring: list = [None, None]  # (stored, float32) buffers used in turn, with `reuse`
         with open(self.path, "rb", buffering=0) as f:
             for i, start in enumerate(range(0, n, step)):
@@ -997,6 +1007,55 @@ class ScoresFile(Scores):
                 yield start, piece
                 del raw, piece
                 _ReleaseFreedHeap.check()  # the consumer is done with the piece
+        if h is not None:
+            self._check_hash(name, h.hexdigest())
+
+    def _mapped_pieces(self, name: str, step: int, h) -> Iterator[tuple[int, Any]]:
+        """`chunks(reuse=True)` through memory maps of `MAP_BYTES` windows of the file,
+        each unmapped when its last piece (and every view of it) is gone, so that the
+        resident set holds about two windows. A read copies every byte from the page cache
+        into a buffer; a mapped window hands the consumer the page cache's own pages, so a
+        pass that only reduces its pieces costs less than a plain read of the file
+        (benchmarks/RESULTS.md). Private (copy-on-write) maps: a consumer that writes into a
+        piece changes its own copy, never the file. A file cut short while it is mapped
+        ends the process with SIGBUS instead of an error (cwa itself replaces files by
+        renaming, which leaves the mapped inode intact)."""
+        import mmap
+
+        import torch
+
+        st_dtype, begin, end = self.layout[name]
+        dtype = getattr(torch, _ST_DTYPES[st_dtype])
+        item = torch.empty(0, dtype=dtype).element_size()
+        n = (end - begin) // item
+        per_window = max(step, MAP_BYTES // item // step * step)  # whole pieces per window
+        floats = [None, None]  # float32 buffers used in turn for a stored dtype not float32
+        with open(self.path, "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size < end:
+                raise ArtifactError(f"{self.path}: tensor {name!r} is truncated")
+            i = 0
+            for w0 in range(0, n, per_window):
+                off = begin + w0 * item
+                a0 = off - off % mmap.ALLOCATIONGRANULARITY
+                count_w = min(per_window, n - w0)
+                window = mmap.mmap(f.fileno(), off + count_w * item - a0,
+                                   access=mmap.ACCESS_COPY, offset=a0)
+                raw_w = torch.frombuffer(window, dtype=dtype, offset=off - a0, count=count_w)
+                del window  # the tensor keeps the map alive as long as it is used
+                for j in range(0, count_w, step):
+                    raw = raw_w[j : j + step]
+                    if h is not None:
+                        h.update(raw.view(torch.uint8).numpy())
+                    if dtype == torch.float32:
+                        piece = raw
+                    else:
+                        if floats[i % 2] is None:
+                            floats[i % 2] = torch.empty(step, dtype=torch.float32)
+                        piece = floats[i % 2][: raw.numel()].copy_(raw)
+                    i += 1
+                    yield w0 + j, piece
+                    del raw, piece
+                del raw_w
         if h is not None:
             self._check_hash(name, h.hexdigest())
 

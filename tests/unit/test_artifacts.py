@@ -75,11 +75,14 @@ def test_streamed_hash_check_detects_a_flipped_byte_in_any_piece(tmp_path, where
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_chunks_with_reuse_read_into_two_buffers_in_turn(tmp_path, monkeypatch, dtype):
-    """`reuse` (what ranking asks for): the same values as fresh pieces, in two buffers
-    used in turn (no allocation per piece), hashed on the way the first time, and a
-    flipped byte still ends the stream with the SHA-256 error."""
+@pytest.mark.parametrize("mapped", [False, True])
+def test_chunks_with_reuse_give_the_stored_values_and_check_the_hash(tmp_path, monkeypatch, dtype, mapped):
+    """`reuse` (what ranking asks for): the same values as fresh pieces, from windows of
+    a memory map (`mapped`) or two buffers read into in turn (no allocation per piece),
+    hashed on the way the first time, and a flipped byte in the last window still ends
+    the stream with the SHA-256 error."""
     monkeypatch.setattr(A, "PIECE_ELEMS", 64)
+    monkeypatch.setattr(A, "MAP_BYTES", 512 if mapped else 0)  # 2 or 1 pieces per window
     n = 5 * 64 + 9
     t = {"w": torch.randn(n)}
     p = A.write_scores(tmp_path / "s.safetensors", t, {}, dtype=dtype)
@@ -91,7 +94,8 @@ def test_chunks_with_reuse_read_into_two_buffers_in_turn(tmp_path, monkeypatch, 
         held.append(c)  # held pieces cannot share memory unless the reader reuses it
     assert torch.equal(torch.cat(got), want)
     ptrs = [c.data_ptr() for c in held]
-    assert len(ptrs) == 6 and len(set(ptrs)) == 2 and ptrs[0::2] == [ptrs[0]] * 3
+    if not mapped or dtype == "bfloat16":  # converted pieces: two float32 buffers in turn
+        assert len(ptrs) == 6 and len(set(ptrs)) == 2 and ptrs[0::2] == [ptrs[0]] * 3
     fresh = [c for _, c in sc.chunks("w")]  # the default: pieces a consumer may keep
     assert len({c.data_ptr() for c in fresh}) == 6 and torch.equal(torch.cat(fresh), want)
     data = bytearray(p.read_bytes())
@@ -99,6 +103,52 @@ def test_chunks_with_reuse_read_into_two_buffers_in_turn(tmp_path, monkeypatch, 
     p.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="SHA-256"):
         for _ in A.open_scores(p).chunks("w", reuse=True):
+            pass
+
+
+def _maps_of(path) -> int:
+    """How many memory maps of `path` this process holds (Linux)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/maps") as f:
+        return sum(line.rstrip("\n").endswith(real) for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
+def test_mapped_chunks_unmap_each_window_and_never_write_the_file(tmp_path, monkeypatch):
+    """Ranking reads a large file through windows of a memory map: the process holds
+    at most two windows at a time (its resident set stays about two windows, however
+    large the file), none once the pieces are gone, and a consumer that writes into a
+    piece changes its own copy, never the file."""
+    monkeypatch.setattr(A, "PIECE_ELEMS", 1024)
+    monkeypatch.setattr(A, "MAP_BYTES", 8192)  # 2 pieces, 2 pages per window
+    t = {"w": torch.randn(40 * 1024 + 3)}
+    p = A.write_scores(tmp_path / "s.safetensors", t, {})
+    before = p.read_bytes()
+    sc = A.open_scores(p)
+    sc.verify()
+    held_maps = []
+    for start, c in sc.chunks("w", reuse=True):
+        held_maps.append(_maps_of(p))
+        assert torch.equal(c, t["w"][start : start + c.numel()])
+        c.fill_(7.0)  # the consumer scribbles on its piece
+    assert len(held_maps) == 41 and 1 <= max(held_maps) <= 2
+    del c
+    assert _maps_of(p) == 0
+    assert p.read_bytes() == before
+    assert torch.equal(A.open_scores(p).get("w"), t["w"])
+
+
+def test_mapped_chunks_of_a_file_cut_short_after_opening_is_an_error(tmp_path, monkeypatch):
+    """A scores file truncated after it was opened: a clean error before anything is
+    mapped (a map past the end would end the process with SIGBUS)."""
+    monkeypatch.setattr(A, "PIECE_ELEMS", 64)
+    t = {"w": torch.randn(1000)}
+    p = A.write_scores(tmp_path / "s.safetensors", t, {})
+    sc = A.open_scores(p)
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size - 8)
+    with pytest.raises(ArtifactError, match="truncated"):
+        for _ in sc.chunks("w", reuse=True):
             pass
 
 
