@@ -19,9 +19,11 @@ one. Configurations alternate; medians of the repeats.
   new       `cwa.ranking.rank_with_stats`, what `cwa rank` computes in one pass, file
             verified before
   topk-first, new-first   the same, on the first read of the file
-  topk-t2, new-t2   topk and new with two torch threads (`cwa.ranking.RANK_THREADS = 2`)
-  topk-reads, new-reads   topk and new with the pieces read into two buffers in turn
-            (`cwa.artifacts.MAP_BYTES = 0`) instead of viewed in memory-mapped windows
+  topk+V, new+V   topk and new with a variant V of the settings (`--variants`): "reads"
+            (the pieces read into two buffers in turn, `cwa.artifacts.MAP_BYTES = 0`,
+            instead of viewed in memory-mapped windows), "tN" (N torch threads,
+            `cwa.ranking.RANK_THREADS`), "bN" (blocks of 2^N, `cwa.ranking.BLOCK_ELEMS`),
+            joined by "+" (t2+b20)
   old       top-K, then `sensitivity_stats`, from `--before` (a saved copy of an earlier
             `cwa/ranking.py`), first read
 
@@ -53,11 +55,23 @@ import importlib.util, json, sys, time
 import numpy as np
 from cwa.artifacts import open_scores
 cfg, path, k, before, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+cfg, *variants = cfg.split("+")  # e.g. topk+t2+reads: see --variants
+import cwa.artifacts, cwa.ranking
+for v in variants:
+    if v == "reads":
+        cwa.artifacts.MAP_BYTES = 0
+    elif v[0] == "t":
+        cwa.ranking.RANK_THREADS = int(v[1:])
+    elif v[0] == "b":
+        cwa.ranking.BLOCK_ELEMS = 1 << int(v[1:])
+    else:
+        raise SystemExit(f"unknown variant {v}")
 sc = open_scores(path)
 if cfg == "prime":
     sc.verify()
     sys.exit(0)
-if cfg.startswith("read"):
+if cfg.startswith("read"):  # a plain read into buffers, whatever ranking uses
+    cwa.artifacts.MAP_BYTES = 0
     t0, c0 = time.perf_counter(), time.process_time()
     for name in sc.names:
         for _ in sc.chunks(name, verify=cfg == "read-sha", reuse=True):
@@ -65,14 +79,6 @@ if cfg.startswith("read"):
     print(json.dumps({"read_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}))
     sys.exit(0)
 cfg = cfg.removesuffix("-first")
-if cfg.endswith("-t2"):  # two torch threads for ranking instead of one
-    import cwa.ranking
-    cwa.ranking.RANK_THREADS = 2
-    cfg = cfg.removesuffix("-t2")
-if cfg.endswith("-reads"):  # the pieces read into buffers, not mapped (the earlier mechanism)
-    import cwa.artifacts
-    cwa.artifacts.MAP_BYTES = 0
-    cfg = cfg.removesuffix("-reads")
 if cfg == "old":
     spec = importlib.util.spec_from_file_location("cwa_ranking_before", before)
     R = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
@@ -158,15 +164,17 @@ def main(argv=None) -> int:
     ap.add_argument("--before", type=Path, default=None, help="an earlier cwa/ranking.py")
     ap.add_argument("--file", type=Path, default=None, help="reuse (or keep) the scores file here")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--variants", default="reads,t2", help="comma list of settings to compare (see above)")
     a = ap.parse_args(argv)
     ks = [int(x) for x in a.k.split(",")]
     tensors, total = bench.llama_subset(a.billions, with_embedding=a.billions >= 1.0)
-    configs = ["read", "read-sha", "topk", "new", "topk-first", "new-first", "topk-reads", "new-reads",
-               "topk-t2", "new-t2"]
+    variants = [v for v in a.variants.split(",") if v]
+    configs = ["read", "read-sha", "topk", "new", "topk-first", "new-first"]
+    configs += [f"{c}+{v}" for v in variants for c in ("topk", "new")]
     configs += ["old"] if a.before else []
     with tempfile.TemporaryDirectory(prefix="cwa-rank-read-") as d:
         warm, cold = Path(d) / "memo-verified", Path(d) / "memo-first"
-        env_of = {c: {**os.environ, "CWA_CACHE_DIR": str(warm if c in ("topk", "new", "topk-reads", "new-reads", "topk-t2", "new-t2") else cold)}
+        env_of = {c: {**os.environ, "CWA_CACHE_DIR": str(warm if c in ("topk", "new") or "+" in c else cold)}
                   for c in configs}
         path = a.file or Path(d) / "scores.safetensors"
         truth_file = Path(str(path) + ".truth.npz")
@@ -200,7 +208,7 @@ def main(argv=None) -> int:
                     print(f"[rank] K={k} {c}: {t} peak RSS {r['max_rss_bytes'] / 1e9:.2f} GB", file=sys.stderr)
             pi, fi, sc = bench.expected_topk(truth, k)
             exact[k] = {}
-            for c in [c for c in ("new", "new-first", "new-reads", "new-t2", "old") if c in configs]:
+            for c in [c for c in configs if c.startswith(("new", "old"))]:
                 z = np.load(str(Path(d) / f"{c}-{k}") + ".npz")
                 exact[k][c] = bool(np.array_equal(z["param_index"], pi) and np.array_equal(z["flat_index"], fi)
                                    and np.array_equal(z["score"], sc) and int(z["ties"]) == 1)
@@ -224,13 +232,11 @@ def main(argv=None) -> int:
               f"| {t['new']:.2f} ({t['new'] / bare:.1f}x) "
               f"| {t['topk-first']:.2f} / {t['new-first']:.2f} ({t['topk-first'] / sha:.1f}x / "
               f"{t['new-first'] / sha:.1f}x) | {cpu['topk']:.2f} / {cpu['new']:.2f} | {rss:.2f} | {exact[k]} |")
-        print(f"|   | read into buffers (not mapped), verified before: top-K {t['topk-reads']:.2f} s "
-              f"({t['topk-reads'] / bare:.1f}x), whole {t['new-reads']:.2f} s ({t['new-reads'] / bare:.1f}x); "
-              f"mapped / read: top-K {t['topk'] / t['topk-reads']:.2f}, whole {t['new'] / t['new-reads']:.2f} "
-              "| | | | | | |")
-        print(f"|   | two torch threads, verified before: top-K {t['topk-t2']:.2f} s "
-              f"({t['topk-t2'] / bare:.1f}x), whole {t['new-t2']:.2f} s ({t['new-t2'] / bare:.1f}x) "
-              "| | | | | | |")
+        for v in variants:
+            tk, nw = t[f"topk+{v}"], t[f"new+{v}"]
+            print(f"|   | variant {v}, verified before: top-K {tk:.2f} s ({tk / bare:.1f}x), whole "
+                  f"{nw:.2f} s ({nw / bare:.1f}x); default / variant: top-K {t['topk'] / tk:.2f}, "
+                  f"whole {t['new'] / nw:.2f} | | | | | | |")
         if "old" in configs:
             print(f"|   | old (first read): whole rank {t['old']:.2f} s ({t['old'] / sha:.1f}x first read) | | | | | | |")
         # each repeat's times against the same repeat's read (this VM's speed drifts

@@ -120,13 +120,12 @@ SAMPLE_RUNS = 4096
 SAMPLE_LEN = 64
 FLOOR_SIGMAS = 8.0
 # Ranking and statistics run their tensor arithmetic on this many torch threads (restored
-# afterwards). Their operations are single passes over a block in cache, too short for a
-# second thread to gain much; on two cores the idle OpenMP thread spin-waits, which
-# doubles the CPU time and at times slowed the file reads by 2-4x. Measured on 1e9 scores
-# (benchmarks/RESULTS.md, "fifth round"), medians of 6 alternating runs, one / two
-# threads: top-K at K = 1e6 1.46 / 1.42 s wall (1.5 / 2.7 s CPU), whole rank at K = 100
-# 2.84 / 3.51 s, at K = 1e6 4.35 / 3.66 s; spread (slowest / fastest run) 1.3-1.7x / 2.1x.
-RANK_THREADS = 1
+# afterwards; at most the machine's cores). Measured on 1e9 scores on two cores
+# (benchmarks/RESULTS.md, "sixth round"): with the scores read into buffers, a second
+# thread gained nothing on balance and at times slowed the reads 2-4x ("fifth round");
+# with memory-mapped windows (no read copies) two threads run the top-K 1.33-1.38x and the
+# whole rank 1.15-1.36x faster than one (medians of 3 alternating runs).
+RANK_THREADS = min(2, os.cpu_count() or 1)
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 RANK_BY = ("abs", "value")
 MODES = ("global", "per_layer")
@@ -795,12 +794,39 @@ def _fsum(t: torch.Tensor) -> float:
     return total + float(t[m:].sum()) if m < n else total
 
 
+def _shifted_sums(x: torch.Tensor, c: float | None, scratch: _Scratch) -> tuple[float, float, float]:
+    """(c, Σd, Σd²) of d = x − c for non-empty finite float32 x, c rounded to float32
+    (None: x's own mean)."""
+    nb = x.numel()
+    if c is None:
+        c = _fsum(x)
+        if not math.isfinite(c):
+            c = float(x.sum(dtype=torch.float64))
+        c /= nb
+    c = float(np.float32(c))  # a float32 value: x − c is computed in float32
+    d = torch.sub(x, c, out=scratch.get("d", nb))
+    # float32 cascade sums (`_fsum`): Σd² (non-negative terms) is within a few ulps; Σd is
+    # a sum of terms of both signs near 0, whose rounding errors average out: about
+    # ε·σ·sqrt(log n / n) on the mean (1e-9 σ per sum of 2^18 terms), far below the
+    # resolution of float32 scores (float64 where a float32 sum would overflow)
+    s1 = _fsum(d)
+    s2 = _fsum(d.square_())
+    if not math.isfinite(s2):  # |x − c| beyond float32's square root of its range
+        dd = x.double() - c
+        s1, s2 = float(dd.sum()), float(dd.square_().sum())
+    return c, s1, s2
+
+
 class _Moments:
     """Count, mean and M2 of finite values, float64 accumulators merged chunk by chunk.
 
-    Within a chunk (float32), deviations are taken from a shift c (the chunk mean rounded
-    to float32): M2 = Σ(x − c)² − (Σ(x − c))²/n is exact algebra for any c, and with c
-    near the mean it has no cancellation. Chunks are merged with Chan et al.'s formula.
+    Within a chunk (float32), deviations are taken from a shift c, a float32 value: M2 =
+    Σ(x − c)² − (Σ(x − c))²/n is exact algebra for any c, and with c near the chunk's mean
+    it has no cancellation. c is the running mean of the chunks before (no pass over the
+    chunk to find it), or for a first chunk its own mean; a chunk whose mean is further
+    from c than its spread ((Σ(x − c))²/n > Σ(x − c)²/2, where the subtraction would lose
+    digits) is summed again from its own mean. Chunks are merged with Chan et al.'s
+    formula.
     """
 
     def __init__(self) -> None:
@@ -818,21 +844,9 @@ class _Moments:
         nb = x.numel()
         if nb == 0:
             return
-        c = _fsum(x)  # c is only a shift: any value near the mean
-        if not math.isfinite(c):
-            c = float(x.sum(dtype=torch.float64))
-        c = float(np.float32(c / nb))  # a float32 value: x − c is computed in float32
-        d = torch.sub(x, c, out=scratch.get("d", nb))
-        # float32 cascade sums (`_fsum`): Σd² and Σ|x| (non-negative terms) are within a
-        # few ulps; Σd is a sum of terms of both signs near 0, whose rounding errors
-        # average out: about ε·σ·sqrt(log n / n) on the mean (1e-9 σ per sum of 2^18
-        # terms), far below the resolution of float32 scores (float64 where a float32 sum
-        # would overflow)
-        s1 = _fsum(d)
-        s2 = _fsum(d.square_())
-        if not math.isfinite(s2):  # |x − c| beyond float32's square root of its range
-            dd = x.double() - c
-            s1, s2 = float(dd.sum()), float(dd.square_().sum())
+        c, s1, s2 = _shifted_sums(x, self.mean if self.n else None, scratch)
+        if self.n and s1 * s1 / nb > 0.5 * s2:  # c too far from this chunk's mean
+            c, s1, s2 = _shifted_sums(x, None, scratch)
         abs_sum = _fsum(a)
         if not math.isfinite(abs_sum):
             abs_sum = float(a.sum(dtype=torch.float64))

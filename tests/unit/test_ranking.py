@@ -438,7 +438,7 @@ def test_rank_order_is_a_stable_descending_sort():
         assert np.array_equal(rank_order(x).numpy(), want)
 
 
-def test_ranking_runs_on_one_torch_thread_and_restores_the_count():
+def test_ranking_runs_on_rank_threads_and_restores_the_count():
     import cwa.ranking as R
 
     seen = []
@@ -449,16 +449,17 @@ def test_ranking_runs_on_one_torch_thread_and_restores_the_count():
             return super().get(name)
 
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    caller = R.RANK_THREADS + 1
+    torch.set_num_threads(caller)
     try:
         sc = Spy({"a": torch.randn(300), "b": torch.randn(40)})
         topk(sc, 5)
         rank_with_stats(sc, 5)
         sensitivity_stats(sc)
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == caller
         with pytest.raises(CwaError, match="NaN"):
             topk(Spy({"a": torch.tensor([1.0, float("nan")])}), 1)
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == caller
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {R.RANK_THREADS}
@@ -728,6 +729,27 @@ def test_rank_with_stats_is_topk_and_stats_in_one_read(mode, spread):
         a = np.abs(t.numpy().astype(np.float64))
         ref, _ = np.histogram(a[np.isfinite(a) & (a > 0)], bins=hist["edges"])
         np.testing.assert_array_equal(hist["counts"][p], ref)
+
+
+def test_moments_of_a_chunk_far_from_the_running_mean_are_float64_accurate():
+    """A chunk is shifted by the running mean of the chunks before it; one whose mean is
+    far from that (here 1e4 away, with a spread of 1) is summed again from its own mean:
+    shifted by 1e4, its float32 Σd² would lose the spread (M2 off by about 10%)."""
+    from cwa.ranking import _Moments, _Scratch
+
+    rng = np.random.default_rng(3)
+    chunks = [np.array([1e4], dtype=np.float32),
+              rng.standard_normal(1_000_000).astype(np.float32),
+              (np.float32(0.5) + rng.standard_normal(1000)).astype(np.float32)]
+    m, scratch = _Moments(), _Scratch()
+    for x in chunks:
+        t = torch.from_numpy(x)
+        lo, hi = float(t.min()), float(t.max())
+        m.add_chunk(t, t.abs(), lo, hi, scratch)
+    ref = np.concatenate(chunks).astype(np.float64)
+    assert m.n == ref.size
+    assert abs(m.mean - ref.mean()) <= 1e-8 * ref.std()
+    assert math.isclose(m.m2, ((ref - ref.mean()) ** 2).sum(), rel_tol=1e-8)
 
 
 def test_moments_of_heavy_tailed_scores_are_float64_accurate():
