@@ -857,6 +857,10 @@ class ScoresFile(Scores):
         self._verified.add(name)
         self._remember()
 
+    def needs_hashing(self) -> bool:
+        """Whether reading the tensors will hash some (not yet verified, hash recorded)."""
+        return any(n not in self._verified and self._hash_of(n) is not None for n in self.names)
+
     def _readable(self, name: str) -> bool:
         return name in self.layout and self.layout[name][0] in _ST_DTYPES
 

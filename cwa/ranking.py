@@ -255,16 +255,20 @@ def flat_runs(tensor: torch.Tensor, starts: list[int], length: int) -> torch.Ten
 
 
 def _rank_threads(fn):
-    """Run ``fn`` with `RANK_THREADS` torch threads, restoring the caller's count."""
+    """Run ``fn(scores, ...)`` with `RANK_THREADS` torch threads, one fewer (at least one)
+    when the scores will be hashed on the way (a file not verified before: its SHA-256 runs
+    on a thread of its own), restoring the caller's count."""
 
     @functools.wraps(fn)
-    def run(*args, **kwargs):
+    def run(scores, *args, **kwargs):
+        hashing = getattr(scores, "needs_hashing", None)
+        n = max(1, RANK_THREADS - 1) if hashing is not None and hashing() else RANK_THREADS
         before = torch.get_num_threads()
-        if before == RANK_THREADS:
-            return fn(*args, **kwargs)
-        torch.set_num_threads(RANK_THREADS)
+        if before == n:
+            return fn(scores, *args, **kwargs)
+        torch.set_num_threads(n)
         try:
-            return fn(*args, **kwargs)
+            return fn(scores, *args, **kwargs)
         finally:
             torch.set_num_threads(before)
 

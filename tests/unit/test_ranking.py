@@ -465,6 +465,32 @@ def test_ranking_runs_on_rank_threads_and_restores_the_count():
     assert seen and set(seen) == {R.RANK_THREADS}
 
 
+def test_ranking_leaves_a_core_to_the_hash_on_a_first_read(tmp_path, monkeypatch):
+    """The first read of a scores file hashes it on a thread of its own: ranking then
+    runs on one torch thread fewer, and on all of `RANK_THREADS` once the file is verified."""
+    import functools
+
+    import cwa.ranking as R
+    from cwa import artifacts as A
+
+    monkeypatch.setattr(R, "RANK_THREADS", 2)
+    sc = A.open_scores(A.write_scores(tmp_path / "s.safetensors", {"a": torch.randn(300)}, {}))
+    seen, chunks = [], sc.chunks
+
+    @functools.wraps(chunks)
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        yield from chunks(*args, **kwargs)
+
+    sc.chunks = spy
+    assert sc.needs_hashing()
+    first = topk(sc, 5)
+    assert not sc.needs_hashing()
+    again = rank_with_stats(sc, 5)[0]
+    assert seen == [1, 2]
+    assert np.array_equal(first.draws[0].flat_index, again.draws[0].flat_index)
+
+
 @pytest.fixture
 def small_sample(monkeypatch):
     """A sample floor for populations of thousands (the defaults need millions)."""
