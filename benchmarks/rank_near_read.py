@@ -12,8 +12,9 @@ read of a file hashes every tensor (SHA-256) on the way. Both are measured: "ver
 with a memo primed once (by `verify()`, after the file is 2 s old), "first" with an empty
 one. Configurations alternate; medians of the repeats.
 
-  read      one read of the file: every tensor through `ScoresFile.chunks`, doing nothing
-            (no hash: the baseline of the targets)
+  read      one read of the file: every tensor through `ScoresFile.chunks`, doing nothing,
+            with plain reads into buffers (`MAP_BYTES = 0`: a map that nothing touches
+            would cost nothing; no hash: the baseline of the targets)
   read-sha  the same, the first time (every tensor's SHA-256 checked on the way)
   topk      `cwa.ranking.topk` (top-K alone), file verified before
   new       `cwa.ranking.rank_with_stats`, what `cwa rank` computes in one pass, file

@@ -587,8 +587,10 @@ _READ_BLOCK = 64 << 20  # bytes per read() call
 # small; statistics take the same time.
 PIECE_ELEMS = 1 << 20
 # Bytes per memory-mapped window of `ScoresFile.chunks(reuse=True)`; 0: plain reads.
-# Measured on a 4 GB file: 4 MB windows pass over it in 0.63-0.66 s, 16 MB in 0.42-0.48 s,
-# 64 MB in 0.44-0.54 s (mmap and munmap per window, first touch of every page).
+# One pass over a 4 GB file with one reduction per 2 MB (benchmarks/RESULTS.md, sixth
+# round; 4 alternating rounds in one process): windows of 4 MB 0.69-0.83 s, 16 MB
+# 0.62-0.78 s, 64 MB 0.61-0.79 s, plain reads 0.83-1.43 s (a bare read 0.58-0.67 s);
+# the resident set holds about two windows.
 MAP_BYTES = 16 << 20
 # RSS growth (since the last release) after which `chunks()` hands freed heap memory back
 # to the OS (see `_ReleaseFreedHeap`).
