@@ -1023,9 +1023,10 @@ class ScoresFile(Scores):
         into a buffer; a mapped window hands the consumer the page cache's own pages, so a
         pass that only reduces its pieces costs less than a plain read of the file
         (benchmarks/RESULTS.md). Private (copy-on-write) maps: a consumer that writes into a
-        piece changes its own copy, never the file. A file cut short while it is mapped
-        ends the process with SIGBUS instead of an error (cwa itself replaces files by
-        renaming, which leaves the mapped inode intact)."""
+        piece changes its own copy, never the file. The file's size is checked before each
+        window is mapped: a file cut short by another program is an error, unless the cut
+        falls inside the window being read, which ends the process with SIGBUS (cwa itself
+        replaces files by renaming, which leaves the mapped inode intact)."""
         import mmap
 
         import torch
@@ -1037,13 +1038,13 @@ class ScoresFile(Scores):
         per_window = max(step, MAP_BYTES // item // step * step)  # whole pieces per window
         floats = [None, None]  # float32 buffers used in turn for a stored dtype not float32
         with open(self.path, "rb", buffering=0) as f:
-            if os.fstat(f.fileno()).st_size < end:
-                raise ArtifactError(f"{self.path}: tensor {name!r} is truncated")
             i = 0
             for w0 in range(0, n, per_window):
                 off = begin + w0 * item
                 a0 = off - off % mmap.ALLOCATIONGRANULARITY
                 count_w = min(per_window, n - w0)
+                if os.fstat(f.fileno()).st_size < off + count_w * item:  # before each map
+                    raise ArtifactError(f"{self.path}: tensor {name!r} is truncated")
                 window = mmap.mmap(f.fileno(), off + count_w * item - a0,
                                    access=mmap.ACCESS_COPY, offset=a0)
                 raw_w = torch.frombuffer(window, dtype=dtype, offset=off - a0, count=count_w)

@@ -138,18 +138,31 @@ def test_mapped_chunks_unmap_each_window_and_never_write_the_file(tmp_path, monk
     assert torch.equal(A.open_scores(p).get("w"), t["w"])
 
 
-def test_mapped_chunks_of_a_file_cut_short_after_opening_is_an_error(tmp_path, monkeypatch):
-    """A scores file truncated after it was opened: a clean error before anything is
-    mapped (a map past the end would end the process with SIGBUS)."""
-    monkeypatch.setattr(A, "PIECE_ELEMS", 64)
-    t = {"w": torch.randn(1000)}
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_mapped_chunks_of_a_file_cut_short_after_opening_is_an_error(tmp_path, monkeypatch, when):
+    """A scores file truncated after it was opened, before the read or while it goes on
+    (by another program): a clean error before the next window is mapped (touching a map
+    past the end of the file would end the process with SIGBUS)."""
+    monkeypatch.setattr(A, "PIECE_ELEMS", 1024)
+    monkeypatch.setattr(A, "MAP_BYTES", 8192)  # 2 pieces, 2 pages per window
+    t = {"w": torch.randn(40 * 1024)}
     p = A.write_scores(tmp_path / "s.safetensors", t, {})
     sc = A.open_scores(p)
-    with open(p, "r+b") as f:
-        f.truncate(p.stat().st_size - 8)
+    sc.verify()
+
+    def cut():
+        with open(p, "r+b") as f:
+            f.truncate(p.stat().st_size - 4 * 20 * 1024)  # the second half of the tensor
+
+    if when == "before":
+        cut()
+    seen = 0
     with pytest.raises(ArtifactError, match="truncated"):
-        for _ in sc.chunks("w", reuse=True):
-            pass
+        for _, c in sc.chunks("w", reuse=True):
+            seen += c.numel()
+            if when == "during" and seen == 4 * 1024:
+                cut()
+    assert seen == 20 * 1024  # the windows still in the file, then the error
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
