@@ -859,9 +859,13 @@ class ScoresFile(Scores):
         self._verified.add(name)
         self._remember()
 
+    def _unverified(self, name: str) -> bool:
+        """Whether reading the tensor will hash it: a hash is recorded, not yet checked."""
+        return name not in self._verified and self._hash_of(name) is not None
+
     def needs_hashing(self) -> bool:
-        """Whether reading the tensors will hash some (not yet verified, hash recorded)."""
-        return any(n not in self._verified and self._hash_of(n) is not None for n in self.names)
+        """Whether reading the tensors will hash some (`_unverified`)."""
+        return any(self._unverified(n) for n in self.names)
 
     def _readable(self, name: str) -> bool:
         return name in self.layout and self.layout[name][0] in _ST_DTYPES
@@ -915,7 +919,7 @@ class ScoresFile(Scores):
             return self._get_safe_open(name, verify)
         with open(self.path, "rb", buffering=0) as f:
             t = self._read(f, name, 0, self.numel(name))
-        if verify and name not in self._verified and self._hash_of(name) is not None:
+        if verify and self._unverified(name):
             self._check_hash(name, _tensor_sha(t))
         return t.to(torch.float32).reshape(self.shapes[name])
 
@@ -944,7 +948,7 @@ class ScoresFile(Scores):
         buf = None
         with open(self.path, "rb", buffering=0) as f:
             for name in self.names:
-                if name in self._verified or self._hash_of(name) is None:
+                if not self._unverified(name):
                     continue
                 if not self._readable(name):
                     self.get(name)  # verified on the way
@@ -972,7 +976,7 @@ class ScoresFile(Scores):
         Pieces are at most `PIECE_ELEMS` values whatever `chunk_elems` asks (smaller
         pieces are as exact and faster to process). Each piece is a new tensor (a consumer
         may keep it), unless `reuse`: then the pieces are views of a memory-mapped window
-        of the file (`_mapped_pieces`; with `MAP_BYTES` 0, two buffers read into in turn,
+        of the file (`_mapped_raws`; with `MAP_BYTES` 0, two buffers read into in turn,
         a piece overwritten when the next-but-one is read), and the consumer copies what
         it keeps. A fresh 4 MB buffer per piece costs a page fault per 4 KB whenever the
         allocator has handed the previous one back to the OS, which it does or not by
@@ -988,57 +992,65 @@ class ScoresFile(Scores):
         if n <= step or not self._readable(name):
             yield 0, self.get(name, verify=verify).reshape(-1)
             return
-        h = None
-        if verify and name not in self._verified and self._hash_of(name) is not None:
-            h = _HashBehind()
+        h = _HashBehind() if verify and self._unverified(name) else None
         if reuse and MAP_BYTES:
-            yield from self._mapped_pieces(name, step, h)
-            return
-        ring: list = [None, None]  # (stored, float32) buffers used in turn, with `reuse`
+            raws = self._mapped_raws(name, step)
+        else:
+            raws = self._read_raws(name, step, reuse)
+        floats: list = [None, None]  # float32 buffers used in turn, with `reuse`
+        for i, (start, raw) in enumerate(raws):
+            if h is not None:  # read-only from here: the hash reads it meanwhile
+                h.update(raw.view(torch.uint8).numpy())
+            if raw.dtype == torch.float32:
+                piece = raw
+            elif reuse:
+                if floats[i % 2] is None:
+                    floats[i % 2] = torch.empty(step, dtype=torch.float32)
+                piece = floats[i % 2][: raw.numel()].copy_(raw)
+            else:
+                piece = raw.to(torch.float32)
+            yield start, piece
+            del raw, piece
+        if h is not None:
+            self._check_hash(name, h.hexdigest())
+
+    def _read_raws(self, name: str, step: int, reuse: bool) -> Iterator[tuple[int, Any]]:
+        """(start, stored values) pieces of `step` entries by plain reads: new tensors, or
+        with `reuse` two buffers read into in turn."""
+        n = self.numel(name)
+        ring: list = [None, None]
         with open(self.path, "rb", buffering=0) as f:
             for i, start in enumerate(range(0, n, step)):
                 count = min(step, n - start)
                 slot = ring[i % 2] if reuse else None
-                raw = self._read(f, name, start, count, None if slot is None else slot[0][:count])
-                if h is not None:  # read-only from here: the hash reads it meanwhile
-                    h.update(raw.view(torch.uint8).numpy())
-                if raw.dtype == torch.float32:
-                    piece = raw
-                elif slot is not None:
-                    piece = slot[1][:count].copy_(raw)
-                else:
-                    piece = raw.to(torch.float32)
+                raw = self._read(f, name, start, count, None if slot is None else slot[:count])
                 if reuse and slot is None:
-                    ring[i % 2] = (raw, piece)
-                yield start, piece
-                del raw, piece
+                    ring[i % 2] = raw
+                yield start, raw
+                del raw
                 _ReleaseFreedHeap.check()  # the consumer is done with the piece
-        if h is not None:
-            self._check_hash(name, h.hexdigest())
 
-    def _mapped_pieces(self, name: str, step: int, h) -> Iterator[tuple[int, Any]]:
-        """`chunks(reuse=True)` through memory maps of `MAP_BYTES` windows of the file,
-        each unmapped when its last piece (and every view of it) is gone, so that the
-        resident set holds about two windows. A read copies every byte from the page cache
-        into a buffer; a mapped window hands the consumer the page cache's own pages, so a
-        pass that only reduces its pieces costs less than a plain read of the file
-        (benchmarks/RESULTS.md). Private (copy-on-write) maps: a consumer that writes into a
-        piece changes its own copy, never the file. The file's size is checked before each
-        window is mapped: a file cut short by another program is an error, unless the cut
-        falls inside the window being read, which ends the process with SIGBUS (cwa itself
-        replaces files by renaming, which leaves the mapped inode intact)."""
+    def _mapped_raws(self, name: str, step: int) -> Iterator[tuple[int, Any]]:
+        """(start, stored values) pieces of `step` entries, views of memory maps of
+        `MAP_BYTES` windows of the file, each unmapped when its last piece (and every view
+        of it) is gone, so that the resident set holds about two windows. A read copies
+        every byte from the page cache into a buffer; a mapped window hands the consumer
+        the page cache's own pages, so a pass that only reduces its pieces costs less than
+        a plain read of the file (benchmarks/RESULTS.md). Private (copy-on-write) maps: a
+        consumer that writes into a piece changes its own copy, never the file. The file's
+        size is checked before each window is mapped: a file cut short by another program
+        is an error, unless the cut falls inside the window being read, which ends the
+        process with SIGBUS (cwa itself replaces files by renaming, which leaves the
+        mapped inode intact)."""
         import mmap
 
         import torch
 
-        st_dtype, begin, end = self.layout[name]
+        st_dtype, begin, _ = self.layout[name]
         dtype = getattr(torch, _ST_DTYPES[st_dtype])
-        item = torch.empty(0, dtype=dtype).element_size()
-        n = (end - begin) // item
+        n, item = self.numel(name), dtype.itemsize
         per_window = max(step, MAP_BYTES // item // step * step)  # whole pieces per window
-        floats = [None, None]  # float32 buffers used in turn for a stored dtype not float32
         with open(self.path, "rb", buffering=0) as f:
-            i = 0
             for w0 in range(0, n, per_window):
                 off = begin + w0 * item
                 a0 = off - off % mmap.ALLOCATIONGRANULARITY
@@ -1050,22 +1062,8 @@ class ScoresFile(Scores):
                 raw_w = torch.frombuffer(window, dtype=dtype, offset=off - a0, count=count_w)
                 del window  # the tensor keeps the map alive as long as it is used
                 for j in range(0, count_w, step):
-                    raw = raw_w[j : j + step]
-                    if h is not None:
-                        h.update(raw.view(torch.uint8).numpy())
-                    if dtype == torch.float32:
-                        piece = raw
-                    else:
-                        if floats[i % 2] is None:
-                            floats[i % 2] = torch.empty(step, dtype=torch.float32)
-                        piece = floats[i % 2][: raw.numel()].copy_(raw)
-                    i += 1
-                    yield w0 + j, piece
-                    del raw, piece
+                    yield w0 + j, raw_w[j : j + step]
                 del raw_w
-        if h is not None:
-            self._check_hash(name, h.hexdigest())
-
 
 _HASH_POOL = None
 
