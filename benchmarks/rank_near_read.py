@@ -22,7 +22,7 @@ one. Configurations alternate; medians of the repeats.
   topk-first, new-first   the same, on the first read of the file
   topk+V, new+V   topk and new with a variant V of the settings (`--variants`): "reads"
             (the pieces read into two buffers in turn, `cwa.artifacts.MAP_BYTES = 0`,
-            instead of viewed in memory-mapped windows), "tN" (N torch threads,
+            instead of viewed in memory-mapped windows), "tN" (N lanes,
             `cwa.ranking.RANK_THREADS`), "bN" (blocks of 2^N, `cwa.ranking.BLOCK_ELEMS`),
             joined by "+" (t2+b20)
   old       top-K, then `sensitivity_stats`, from `--before` (a saved copy of an earlier

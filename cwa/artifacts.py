@@ -731,13 +731,16 @@ class Scores:
         return self.get(name)
 
     def chunks(
-        self, name: str, chunk_elems: int = 1 << 24, verify: bool = True, reuse: bool = False
+        self, name: str, chunk_elems: int = 1 << 24, verify: bool = True, reuse: bool = False,
+        start: int = 0, stop: int | None = None,
     ) -> Iterator[tuple[int, Any]]:
-        """Views of the tensor in memory (``reuse`` changes nothing: no buffer is read)."""
+        """Views of the tensor in memory, of flat entries [start, stop) (``reuse`` changes
+        nothing: no buffer is read)."""
         flat = self.get(name).reshape(-1)
         step = max(1, int(chunk_elems))
-        for start in range(0, flat.numel(), step):
-            yield start, flat[start : start + step]
+        stop = flat.numel() if stop is None else min(int(stop), flat.numel())
+        for i in range(int(start), stop, step):
+            yield i, flat[i : min(i + step, stop)]
 
     def sample_runs(self, name: str, starts: list[int], length: int):
         """float32 runs of `length` entries of the flat tensor from each start, concatenated
@@ -968,10 +971,14 @@ class ScoresFile(Scores):
                 self._check_hash(name, h.hexdigest())
 
     def chunks(
-        self, name: str, chunk_elems: int = 1 << 24, verify: bool = True, reuse: bool = False
+        self, name: str, chunk_elems: int = 1 << 24, verify: bool = True, reuse: bool = False,
+        start: int = 0, stop: int | None = None,
     ) -> Iterator[tuple[int, Any]]:
         """Yield (flat_offset, float32 1-D tensor) pieces of a tensor, at most `chunk_elems`
         values each, so that peak memory is about one chunk whatever the tensor's size.
+        ``start``/``stop``: only flat entries [start, stop), pieces starting at ``start``
+        (ranking reads spans of a tensor on several threads); a part of a tensor cannot be
+        hash-checked, so with `verify` a part of a tensor not yet verified is refused.
 
         Pieces are at most `PIECE_ELEMS` values whatever `chunk_elems` asks (smaller
         pieces are as exact and faster to process). Each piece is a new tensor (a consumer
@@ -989,14 +996,21 @@ class ScoresFile(Scores):
 
         n = self.numel(name)
         step = max(1, min(int(chunk_elems), PIECE_ELEMS))
-        if n <= step or not self._readable(name):
-            yield 0, self.get(name, verify=verify).reshape(-1)
+        start, stop = int(start), n if stop is None else min(int(stop), n)
+        whole = start == 0 and stop == n
+        if verify and not whole and self._unverified(name):
+            raise ValueError(f"{self.path}: a part of tensor {name!r} cannot be verified; "
+                             "verify() the file first")
+        if stop - start <= step or not self._readable(name):
+            if start < stop:
+                flat = self.get(name, verify=verify).reshape(-1)
+                yield start, flat if whole else flat[start:stop]
             return
         h = _HashBehind() if verify and self._unverified(name) else None
         if reuse and MAP_BYTES:
-            raws = self._mapped_raws(name, step)
+            raws = self._mapped_raws(name, step, start, stop)
         else:
-            raws = self._read_raws(name, step, reuse)
+            raws = self._read_raws(name, step, reuse, start, stop)
         floats: list = [None, None]  # float32 buffers used in turn, with `reuse`
         for i, (start, raw) in enumerate(raws):
             if h is not None:  # read-only from here: the hash reads it meanwhile
@@ -1014,14 +1028,13 @@ class ScoresFile(Scores):
         if h is not None:
             self._check_hash(name, h.hexdigest())
 
-    def _read_raws(self, name: str, step: int, reuse: bool) -> Iterator[tuple[int, Any]]:
-        """(start, stored values) pieces of `step` entries by plain reads: new tensors, or
-        with `reuse` two buffers read into in turn."""
-        n = self.numel(name)
+    def _read_raws(self, name: str, step: int, reuse: bool, lo: int, hi: int) -> Iterator[tuple[int, Any]]:
+        """(start, stored values) pieces of `step` entries of flat entries [lo, hi) by
+        plain reads: new tensors, or with `reuse` two buffers read into in turn."""
         ring: list = [None, None]
         with open(self.path, "rb", buffering=0) as f:
-            for i, start in enumerate(range(0, n, step)):
-                count = min(step, n - start)
+            for i, start in enumerate(range(lo, hi, step)):
+                count = min(step, hi - start)
                 slot = ring[i % 2] if reuse else None
                 raw = self._read(f, name, start, count, None if slot is None else slot[:count])
                 if reuse and slot is None:
@@ -1030,8 +1043,8 @@ class ScoresFile(Scores):
                 del raw
                 _ReleaseFreedHeap.check()  # the consumer is done with the piece
 
-    def _mapped_raws(self, name: str, step: int) -> Iterator[tuple[int, Any]]:
-        """(start, stored values) pieces of `step` entries, views of memory maps of
+    def _mapped_raws(self, name: str, step: int, lo: int, hi: int) -> Iterator[tuple[int, Any]]:
+        """(start, stored values) pieces of `step` entries of flat entries [lo, hi), views of memory maps of
         `MAP_BYTES` windows of the file, each unmapped when its last piece (and every view
         of it) is gone, so that the resident set holds about two windows. A read copies
         every byte from the page cache into a buffer; a mapped window hands the consumer
@@ -1048,13 +1061,13 @@ class ScoresFile(Scores):
 
         st_dtype, begin, _ = self.layout[name]
         dtype = getattr(torch, _ST_DTYPES[st_dtype])
-        n, item = self.numel(name), dtype.itemsize
+        item = dtype.itemsize
         per_window = max(step, MAP_BYTES // item // step * step)  # whole pieces per window
         with open(self.path, "rb", buffering=0) as f:
-            for w0 in range(0, n, per_window):
+            for w0 in range(lo, hi, per_window):
                 off = begin + w0 * item
                 a0 = off - off % mmap.ALLOCATIONGRANULARITY
-                count_w = min(per_window, n - w0)
+                count_w = min(per_window, hi - w0)
                 if os.fstat(f.fileno()).st_size < off + count_w * item:  # before each map
                     raise ArtifactError(f"{self.path}: tensor {name!r} is truncated")
                 window = mmap.mmap(f.fileno(), off + count_w * item - a0,

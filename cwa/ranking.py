@@ -33,7 +33,8 @@ lets in only keys at or above a floor estimated from a sample (`_sample_floor`);
 stream counts whether K entries reached it and otherwise streams again without one, so
 the floor changes the time, never the result. The final order is one sort of unique
 integer codes (key bits, position; `rank_order`). Ranking and statistics run on
-`RANK_THREADS` torch thread(s).
+`RANK_THREADS` lanes: threads that each take the next span of the scores, torch on one
+thread each (`_run_lanes`); the result does not depend on the number of lanes.
 
 ``ties_at_k`` is the number of entries in the whole population whose key equals the K-th
 key, the K-th itself included (1 means the cut is unambiguous). Entries rejected along the
@@ -71,7 +72,8 @@ import functools
 import inspect
 import math
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,13 +121,18 @@ MAX_PIECES = 256
 SAMPLE_RUNS = 4096
 SAMPLE_LEN = 64
 FLOOR_SIGMAS = 8.0
-# Ranking and statistics run their tensor arithmetic on this many torch threads (restored
-# afterwards; at most the machine's cores). Measured on 1e9 scores on two cores
-# (benchmarks/RESULTS.md, "sixth round"): with the scores read into buffers, a second
-# thread gained nothing on balance and at times slowed the reads 2-4x ("fifth round");
-# with memory-mapped windows (no read copies) two threads run the top-K 1.33-1.38x and the
-# whole rank 1.15-1.36x faster than one (medians of 3 alternating runs).
+# Ranking and statistics run in this many lanes (at most the machine's cores): threads
+# that each take the next span of the scores (`_run_lanes`) and work through its blocks
+# alone, torch on one thread each (restored afterwards). Measured on 1e9 scores on two
+# cores (benchmarks/RESULTS.md, "seventh round"): torch's own two threads split every
+# operation of every block and meet ~20 times per block; on this VM that made the whole
+# rank at K = 1e6 take 2.4-7.3 s from run to run (CPU time twice the wall time), against
+# 1.8-2.5 s in two lanes.
 RANK_THREADS = min(2, os.cpu_count() or 1)
+# Lanes take spans of at most this many entries of a tensor (rounded down to whole
+# pieces); the moments are accumulated per span and merged in position order, so the
+# statistics do not depend on how many lanes ran or which took which span.
+SPAN_ELEMS = 2**25
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 RANK_BY = ("abs", "value")
 MODES = ("global", "per_layer")
@@ -240,6 +247,15 @@ class DictScores:
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name].float()
 
+    def chunks(self, name: str, chunk_elems: int, reuse: bool = False, start: int = 0,
+               stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, float32 view) pieces of flat entries [start, stop)."""
+        flat = self._tensors[name].reshape(-1)
+        stop = flat.numel() if stop is None else min(int(stop), flat.numel())
+        step = max(1, int(chunk_elems))
+        for i in range(int(start), stop, step):
+            yield i, flat[i : min(i + step, stop)].float()
+
     def sample_runs(self, name: str, starts: list[int], length: int) -> torch.Tensor:
         return flat_runs(self._tensors[name], starts, length)
 
@@ -255,24 +271,104 @@ def flat_runs(tensor: torch.Tensor, starts: list[int], length: int) -> torch.Ten
 
 
 def _rank_threads(fn):
-    """Run ``fn(scores, ...)`` with `RANK_THREADS` torch threads, one fewer (at least one)
-    when the scores will be hashed on the way (a file not verified before: its SHA-256 runs
-    on a thread of its own), restoring the caller's count."""
+    """Run ``fn(scores, ...)`` with torch on one thread, restoring the caller's count:
+    ranking's parallelism is its lanes (`_run_lanes`)."""
 
     @functools.wraps(fn)
     def run(scores, *args, **kwargs):
-        hashing = getattr(scores, "needs_hashing", None)
-        n = max(1, RANK_THREADS - 1) if hashing is not None and hashing() else RANK_THREADS
         before = torch.get_num_threads()
-        if before == n:
+        if before == 1:
             return fn(scores, *args, **kwargs)
-        torch.set_num_threads(n)
+        torch.set_num_threads(1)  # threads started from here on run torch on one thread too
         try:
             return fn(scores, *args, **kwargs)
         finally:
             torch.set_num_threads(before)
 
     return run
+
+
+def _hashing(scores) -> bool:
+    """Whether reading the scores will hash some of them (a file not verified before)."""
+    hashing = getattr(scores, "needs_hashing", None)
+    return hashing is not None and bool(hashing())
+
+
+def _units(scores, sizes: np.ndarray, chunk_elems: int) -> list[tuple[int, int, int | None]]:
+    """The work of a pass in position order: (tensor, first, end) flat ranges (end None:
+    the whole tensor), spans of
+    `_span_elems` entries where the source reads parts of a tensor (its ``chunks`` takes
+    ``start``) and nothing is hashed on the way (a tensor's hash needs all of it, in
+    order), else whole tensors. Empty tensors have none."""
+    chunks = getattr(scores, "chunks", None)
+    ranged = (chunks is not None and "start" in inspect.signature(chunks).parameters
+              and not _hashing(scores))
+    span = _span_elems(chunk_elems)
+    out: list[tuple[int, int, int | None]] = []
+    for p, n in enumerate(int(v) for v in sizes):
+        if n <= span or not ranged:
+            out.extend([(p, 0, None)] if n else [])
+        else:
+            out.extend((p, lo, min(lo + span, n)) for lo in range(0, n, span))
+    return out
+
+
+def _span_elems(chunk_elems: int) -> int:
+    """`SPAN_ELEMS` rounded down to whole blocks (at least one), so that spans and blocks
+    share one grid whether a tensor is read whole or span by span."""
+    step = min(int(chunk_elems), BLOCK_ELEMS)
+    return max(step, SPAN_ELEMS // step * step)
+
+
+def _n_lanes(scores, n_units: int) -> int:
+    """`RANK_THREADS` lanes, one fewer (at least one) when the scores are hashed on the way
+    (the SHA-256 runs on a thread of its own), at most one per unit."""
+    n = RANK_THREADS - 1 if _hashing(scores) else RANK_THREADS
+    return max(1, min(n, n_units))
+
+
+def _run_lanes(units: list, n_lanes: int, work: Callable[[int, Any, Callable[[], bool]], None]) -> None:
+    """``work(lane, unit, stopped)`` for every unit, on ``n_lanes`` lanes: lane 0 is the
+    calling thread, the others threads of their own. Each lane takes the next unit not yet
+    taken, so every lane sees its units in ascending order. An error in a unit stops the
+    units after it (``stopped()`` turns true there; work checks it between blocks) and no
+    new one is taken; units before it run to their end, so the error raised, once every
+    lane has stopped, is that of the earliest failing unit, whichever lane came first. An
+    interrupt of the caller stops every lane."""
+    todo = iter(enumerate(units))
+    lock = threading.Lock()
+    first_error = [math.inf]  # the index of the earliest unit that failed (-1: interrupted)
+    errors: list[tuple[int, BaseException]] = []
+
+    def lane(j: int) -> None:
+        while True:
+            with lock:
+                item = next(todo, None)
+            if item is None or first_error[0] < math.inf:
+                return
+            i = item[0]
+            try:
+                work(j, item[1], lambda i=i: first_error[0] < i)
+            except Exception as e:  # noqa: BLE001 - raised by the caller, below
+                with lock:
+                    errors.append((i, e))
+                    first_error[0] = min(first_error[0], i)
+
+    threads = [threading.Thread(target=lane, args=(j,), name=f"cwa-rank-{j}", daemon=True)
+               for j in range(1, n_lanes)]
+    try:
+        for t in threads:
+            t.start()
+        lane(0)
+        for t in threads:
+            t.join()
+    except BaseException:
+        first_error[0] = -1
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise min(errors, key=lambda e: e[0])[1]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -294,27 +390,37 @@ def iter_chunks(tensor: torch.Tensor, chunk_elems: int) -> Iterator[tuple[int, t
 
 
 def source_chunks(
-    scores, name: str, chunk_elems: int, transient: bool = False
+    scores, name: str, chunk_elems: int, transient: bool = False, lo: int = 0,
+    hi: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, flat piece) of one score tensor: through the source's own ``chunks()``
     when it has one (a scores file reads piece by piece, so a tensor larger than memory
     still streams), else by slicing ``get()``. ``transient``: the caller keeps no piece
     past the next one, so a source whose ``chunks`` takes ``reuse`` may read into the
-    same buffers again (`cwa.artifacts.ScoresFile.chunks`)."""
+    same buffers again (`cwa.artifacts.ScoresFile.chunks`). ``lo``/``hi``: only flat
+    entries [lo, hi) (a part of a tensor: from a source whose ``chunks`` takes ``start``,
+    see `_units`)."""
     chunks = getattr(scores, "chunks", None)
+    kw: dict[str, Any] = {}
+    if lo or hi is not None:
+        kw = {"start": lo, "stop": hi}
     if chunks is None:
-        yield from iter_chunks(scores.get(name), chunk_elems)
+        flat = scores.get(name).reshape(-1)
+        for start, piece in iter_chunks(flat[lo:hi], chunk_elems):
+            yield lo + start, piece
     elif transient and "reuse" in inspect.signature(chunks).parameters:
-        yield from chunks(name, chunk_elems, reuse=True)
+        yield from chunks(name, chunk_elems, reuse=True, **kw)
     else:
-        yield from chunks(name, chunk_elems)
+        yield from chunks(name, chunk_elems, **kw)
 
 
-def _blocks(scores, name: str, chunk_elems: int, block: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, float32 flat block) of one score tensor: pieces of at most `chunk_elems`
-    and ``block`` entries (a source's larger pieces are cut into views). A block is
-    valid until the next is asked for: whatever a consumer keeps, it copies."""
-    for start, chunk in source_chunks(scores, name, min(int(chunk_elems), block), True):
+def _blocks(scores, name: str, chunk_elems: int, block: int, lo: int = 0,
+            hi: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, float32 flat block) of one score tensor (of its flat entries [lo, hi)):
+    pieces of at most `chunk_elems` and ``block`` entries (a source's larger pieces are
+    cut into views). A block is valid until the next is asked for: whatever a consumer
+    keeps, it copies."""
+    for start, chunk in source_chunks(scores, name, min(int(chunk_elems), block), True, lo, hi):
         chunk = chunk.float()
         n = chunk.numel()
         if n <= block:
@@ -503,6 +609,30 @@ class _TopKStream:
             self.pos, self.raw = [_joined(self.pos)], [_joined(self.raw)]
         return top
 
+    @classmethod
+    def merged(cls, streams: list[_TopKStream]) -> _TopKStream:
+        """One stream holding what ``streams`` hold, in position order, so that its
+        `finish` is the top-k of everything they were fed: each was fed its own positions
+        in ascending order (lanes), and the top-k of a union is within the union of the
+        parts' top-ks. Rejected ties carry over: a part's rejected keys are at most its
+        own k-th key, which is at most the union's, so only a part whose k-th key is the
+        union's can have rejected entries equal to it, and it counted them."""
+        if len(streams) == 1:
+            return streams[0]
+        first = streams[0]
+        out = cls(first.k, first.rank_by, first.lowest, first.floor)
+        out.entered = sum(t.entered for t in streams)
+        for t in streams:
+            out._rejected(t.tied_val, t.tied_out)
+        pos = [q for t in streams for q in t.pos]
+        if pos:
+            pos_t, raw_t = torch.cat(pos), torch.cat([r for t in streams for r in t.raw])
+            # each stream's pieces are in position order: numpy's stable sort (a merge
+            # sort that finds those runs) is 4x torch's argsort here
+            order = torch.from_numpy(np.argsort(pos_t.numpy(), kind="stable"))
+            out.pos, out.raw, out.size = [pos_t[order]], [raw_t[order]], pos_t.numel()
+        return out
+
     def _compact(self) -> None:
         pos, raw = _joined(self.pos), _joined(self.raw)
         sel, self.thr = self._select(self.key_of(raw))
@@ -560,24 +690,31 @@ def _check_nan(top: float, chunk: torch.Tensor, name: str) -> None:
         )
 
 
-def _stream_tensor(
-    stream: _TopKStream, scores, name: str, offset: int, chunk_elems: int, rank_by: str,
-    lowest: bool, stats: _StatsStream | None = None, p: int = 0,
+def _stream_span(
+    stream: _TopKStream | None, scores, name: str, span: tuple[int, int | None], offset: int,
+    chunk_elems: int, rank_by: str, lowest: bool, stats: _StatsStream | None, p: int,
+    scratch: _Scratch, stopped: Callable[[], bool],
 ) -> None:
-    """Feed every chunk of one score tensor (positions from ``offset``), raising on NaN;
-    with ``stats`` (top-K only), the same chunks also feed the statistics of tensor ``p``,
-    so that ranking and statistics are one read of the scores.
+    """Feed every chunk of flat entries [span) of one score tensor (positions from
+    ``offset``) to ``stream``, raising on NaN; with ``stats`` (top-K only, or statistics
+    alone when ``stream`` is None) the same chunks also feed the statistics of tensor
+    ``p``, so that ranking and statistics are one read of the scores. Returns early once
+    ``stopped()`` (an earlier span failed on another lane).
 
     The common case, once the stream has a bar (its threshold, or before that its
     floor), is a chunk whose largest key is below it: then nothing in it can enter or tie,
     and the chunk costs one reduction."""
     passing = False  # the previous block reached the threshold
-    for start, chunk in _blocks(scores, name, chunk_elems, BLOCK_ELEMS):
+    for start, chunk in _blocks(scores, name, chunk_elems, BLOCK_ELEMS, *span):
+        if stopped():
+            return
         if chunk.numel() == 0:
             continue
         a = top = None
         if stats is not None:
-            lo, hi, a = stats.add(p, chunk)
+            lo, hi, a = stats.add(p, start, chunk, scratch)
+            if stream is None:
+                continue
             top = max(-lo, hi) if rank_by == "abs" else hi
         elif stream.bar is None or not passing:
             top = _top_key(chunk, rank_by, lowest)
@@ -652,17 +789,51 @@ def _rank_global(
     """One stream over every tensor (positions offset by tensor): the draw, the ties at
     K and the K-th key."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    stream = _TopKStream(k, rank_by, lowest, _sample_floor(scores, names, sizes, k, rank_by, lowest))
-    for p, name in enumerate(names):
-        _stream_tensor(stream, scores, name, int(offsets[p]), chunk_elems, rank_by, lowest, stats, p)
+    floor = _sample_floor(scores, names, sizes, k, rank_by, lowest)
+    streams = _lanes_pass(scores, names, sizes, chunk_elems, rank_by, lowest, stats,
+                          lambda p: _TopKStream(k, rank_by, lowest, floor), False)
+    stream = _TopKStream.merged(streams[0])
     if not stream.complete:  # fewer than K entries reached the floor: again, without one
-        stream = _TopKStream(k, rank_by, lowest)
-        for p, name in enumerate(names):
-            _stream_tensor(stream, scores, name, int(offsets[p]), chunk_elems, rank_by, lowest)
+        streams = _lanes_pass(scores, names, sizes, chunk_elems, rank_by, lowest, None,
+                              lambda p: _TopKStream(k, rank_by, lowest), False)
+        stream = _TopKStream.merged(streams[0])
     pos, raw, ties, kth = stream.finish()
     param_index = np.searchsorted(offsets, pos, side="right") - 1
     flat_index = pos - offsets[param_index]
     return Draw(param_index, flat_index, raw), ties, -kth if lowest else kth
+
+
+def _lanes_pass(scores, names: list[str], sizes: np.ndarray, chunk_elems: int, rank_by: str,
+                lowest: bool, stats: _StatsStream | None,
+                new_stream: Callable[[int], _TopKStream] | None, per_tensor: bool) -> dict:
+    """One pass over the scores in lanes: every span to a top-K stream of its lane (one per
+    lane, or with ``per_tensor`` one per lane and tensor, made by ``new_stream(p)``; None:
+    statistics alone) and to ``stats``. Returns {stream key: [the lanes' streams]}, key
+    the tensor with ``per_tensor``, else 0 (positions then run on across tensors)."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    units = _units(scores, sizes, chunk_elems)
+    n_lanes = _n_lanes(scores, len(units))
+    lanes: list[dict[int, _TopKStream]] = [{} for _ in range(n_lanes)]
+    scratch = [_Scratch() for _ in range(n_lanes)]
+
+    def work(j: int, unit: tuple, stopped: Callable[[], bool]) -> None:
+        p = unit[0]
+        stream = None
+        if new_stream is not None:
+            key = p if per_tensor else 0
+            stream = lanes[j].get(key)
+            if stream is None:
+                stream = lanes[j][key] = new_stream(p)
+        offset = 0 if per_tensor else int(offsets[p])
+        _stream_span(stream, scores, names[p], unit[1:], offset, chunk_elems, rank_by, lowest,
+                     stats, p, scratch[j], stopped)
+
+    _run_lanes(units, n_lanes, work)
+    out: dict[int, list[_TopKStream]] = {}
+    for lane in lanes:
+        for key, stream in lane.items():
+            out.setdefault(key, []).append(stream)
+    return out
 
 
 def _sample_floor(scores, names: list[str], sizes: np.ndarray, k: int, rank_by: str,
@@ -713,14 +884,14 @@ def _rank_per_layer(
     parts_p, parts_f, parts_s = [], [], []
     ties = 0
     kth_keys: list[float | None] = []
-    for p, name in enumerate(names):
+    streams = _lanes_pass(scores, names, sizes, chunk_elems, rank_by, lowest, stats,
+                          lambda p: _TopKStream(min(k, int(sizes[p])), rank_by, lowest), True)
+    for p in range(len(names)):
         n = int(sizes[p])
         if n == 0:
             kth_keys.append(None)
             continue
-        stream = _TopKStream(min(k, n), rank_by, lowest)
-        _stream_tensor(stream, scores, name, 0, chunk_elems, rank_by, lowest, stats, p)
-        pos, raw, t_ties, kth = stream.finish()
+        pos, raw, t_ties, kth = _TopKStream.merged(streams[p]).finish()
         if n > k:
             ties += t_ties
         kth_keys.append(-kth if lowest else kth)
@@ -777,7 +948,7 @@ def rank_with_stats(
     the scores (what `cwa rank` writes): ``(selection, stats, hist)``, equal to the two
     calls made separately."""
     _check_bins(n_bins)
-    stats = _StatsStream(len(scores.names))
+    stats = _StatsStream(len(scores.names), chunk_elems)
     sel = _rank(scores, k, mode, rank_by, chunk_elems, False, "topk", seed, stats)
     st, hist = stats.finish(scores, sel, n_bins, chunk_elems)
     return sel, st, hist
@@ -861,6 +1032,10 @@ class _Moments:
 
     def merge(self, other: _Moments) -> None:
         if other.n == 0:
+            return
+        if self.n == 0:  # exactly the other's
+            self.n, self.mean, self.m2 = other.n, other.mean, other.m2
+            self.abs_sum, self.min, self.max = other.abs_sum, other.min, other.max
             return
         self.abs_sum += other.abs_sum
         self.min = min(self.min, other.min)
@@ -949,11 +1124,9 @@ def sensitivity_stats(
     """
     _check_bins(n_bins)
     names = list(scores.names)
-    stream = _StatsStream(len(names))
-    for p, name in enumerate(names):
-        for _, chunk in _blocks(scores, name, chunk_elems, BLOCK_ELEMS):
-            if chunk.numel():
-                stream.add(p, chunk)
+    stream = _StatsStream(len(names), chunk_elems)
+    _lanes_pass(scores, names, population_sizes(scores), chunk_elems, "abs", False, stream,
+                None, False)
     return stream.finish(scores, selection, n_bins, chunk_elems)
 
 
@@ -971,66 +1144,90 @@ _FIRST_NONFINITE = 0x7F800000 >> _CELL_SHIFT
 
 
 class _StatsStream:
-    """The statistics of every tensor from blocks fed once, in any block order.
+    """The statistics of every tensor from blocks fed once, in any block order, by any
+    number of lanes at once.
 
-    Per block: the moments (`_Moments`), the zeros and non-finite entries, the exact
-    smallest positive and largest finite |s|, and a count of |s| per bit-grid cell
-    (`_N_CELLS` cells; 256 KB per tensor). The histogram's edges depend on the range of
-    all tensors, known only at the end; `finish` places the inner edges on cell
-    boundaries, so every bin is a whole number of cells and the counts are exact without
-    reading the scores again (ranges too narrow for 64 distinct cells between min and max
-    take a second pass against exactly log-spaced edges)."""
+    Per block: the moments (`_Moments`, one per span of `_span_elems` entries of a tensor,
+    merged in position order at the end, so the result is the same whichever lane took a
+    span), the zeros and non-finite entries, the exact smallest positive and largest
+    finite |s|, and a count of |s| per bit-grid cell (`_N_CELLS` cells; 256 KB per
+    tensor); the shared counts and extremes are updated under a lock. The histogram's
+    edges depend on the range of all tensors, known only at the end; `finish` places the
+    inner edges on cell boundaries, so every bin is a whole number of cells and the counts
+    are exact without reading the scores again (ranges too narrow for 64 distinct cells
+    between min and max take a second pass against exactly log-spaced edges)."""
 
-    def __init__(self, n_params: int) -> None:
-        self.moments = [_Moments() for _ in range(n_params)]
+    def __init__(self, n_params: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> None:
+        self.span = _span_elems(chunk_elems)
+        self.span_moments: dict[tuple[int, int], _Moments] = {}
+        self.moments: list[_Moments] = []  # per tensor, by `finish`
         self.n_zero = np.zeros(n_params, dtype=np.int64)
         self.n_nonfinite = np.zeros(n_params, dtype=np.int64)
         self.cells = np.zeros((n_params, _N_CELLS), dtype=np.int64)
         self.abs_lo, self.abs_hi = math.inf, 0.0
-        self.scratch = _Scratch()
+        self.lock = threading.Lock()
 
-    def add(self, p: int, chunk: torch.Tensor) -> tuple[float, float, torch.Tensor | None]:
-        """Count a non-empty float32 block of tensor p. Returns the block's (min, max)
-        (NaN when it holds a NaN) and, when every entry is finite, |block| in a scratch
-        buffer (valid until the next call), which the top-K uses as its key."""
+    def add(self, p: int, start: int, chunk: torch.Tensor,
+            scratch: _Scratch) -> tuple[float, float, torch.Tensor | None]:
+        """Count a non-empty float32 block of tensor p, its first entry at flat index
+        ``start``. Returns the block's (min, max) (NaN when it holds a NaN) and, when
+        every entry is finite, |block| in ``scratch`` (valid until the next call), which
+        the top-K uses as its key."""
         lo, hi = (float(v) for v in torch.aminmax(chunk))
         finite = math.isfinite(lo) and math.isfinite(hi)
         x = chunk
         if not finite:
             x = chunk[torch.isfinite(chunk)]
-            self.n_nonfinite[p] += chunk.numel() - x.numel()
-        if x.numel():
-            xlo, xhi = (lo, hi) if finite else (float(v) for v in torch.aminmax(x))
-            a = torch.abs(x, out=self.scratch.get("a", x.numel()))
-            cell = torch.bitwise_right_shift(a.view(torch.int32), _CELL_SHIFT,
-                                             out=self.scratch.get("cell", x.numel(), torch.int32))
-            counts = torch.bincount(cell, minlength=_N_CELLS).numpy()
+        if not x.numel():
+            with self.lock:
+                self.n_nonfinite[p] += chunk.numel()
+            return lo, hi, None
+        xlo, xhi = (lo, hi) if finite else (float(v) for v in torch.aminmax(x))
+        a = torch.abs(x, out=scratch.get("a", x.numel()))
+        cell = torch.bitwise_right_shift(a.view(torch.int32), _CELL_SHIFT,
+                                         out=scratch.get("cell", x.numel(), torch.int32))
+        counts = torch.bincount(cell, minlength=_N_CELLS).numpy()
+        a_lo, n_zero = self._low_end(a, xlo, xhi, counts)
+        key = (p, start // self.span)
+        moments = self.span_moments.get(key)  # each span is fed by one lane only
+        if moments is None:
+            moments = self.span_moments[key] = _Moments()
+        moments.add_chunk(x, a, xlo, xhi, scratch)
+        with self.lock:
             self.cells[p] += counts
-            self._range(p, a, xlo, xhi, counts)
-            self.moments[p].add_chunk(x, a, xlo, xhi, self.scratch)
-            return lo, hi, a if finite else None
-        return lo, hi, None
+            self.n_nonfinite[p] += chunk.numel() - x.numel()
+            self.n_zero[p] += n_zero
+            self.abs_lo = min(self.abs_lo, a_lo)
+            self.abs_hi = max(self.abs_hi, -xlo, xhi)
+        return lo, hi, a if finite else None
 
-    def _range(self, p: int, a: torch.Tensor, lo: float, hi: float, counts: np.ndarray) -> None:
-        """The zeros of the block and the range of its positive |s| (``counts``: the
-        block's entries per cell; cell 0 is the only one that holds zeros)."""
-        self.abs_hi = max(self.abs_hi, -lo, hi)
+    def _low_end(self, a: torch.Tensor, lo: float, hi: float,
+                 counts: np.ndarray) -> tuple[float, int]:
+        """The block's smallest positive |s| (inf where it cannot be below the smallest so
+        far) and its zeros (``a``: |s| of finite values, lo/hi: their min and max,
+        ``counts``: entries per cell; cell 0 is the only one that holds zeros)."""
         if lo > 0 or hi < 0:  # one sign: no zeros, the smallest |s| is an end
-            self.abs_lo = min(self.abs_lo, lo if lo > 0 else -hi)
-            return
+            return (lo if lo > 0 else -hi), 0
         if not counts[0]:  # no zeros: the smallest |s| is positive, in the lowest cell
             floor = np.int32(int((counts != 0).argmax()) << _CELL_SHIFT).view(np.float32)
-            if self.abs_lo >= floor:  # else nothing here is below the smallest so far
-                self.abs_lo = min(self.abs_lo, float(a.min()))
-            return
+            # a stale smallest-so-far (another lane's update not seen yet) is larger, so
+            # at worst this searches a block it could have skipped
+            return (float(a.min()) if self.abs_lo >= floor else math.inf), 0
         an = a.numpy()
         is_zero = an == 0
-        self.n_zero[p] += int(np.count_nonzero(is_zero))
-        self.abs_lo = min(self.abs_lo, float(np.min(an, where=~is_zero, initial=np.inf)))
+        return float(np.min(an, where=~is_zero, initial=np.inf)), int(np.count_nonzero(is_zero))
+
+    def _tensor_moments(self, n_params: int) -> list[_Moments]:
+        """Each tensor's moments: its spans' merged in position order."""
+        out = [_Moments() for _ in range(n_params)]
+        for key in sorted(self.span_moments):
+            out[key[0]].merge(self.span_moments[key])
+        return out
 
     def finish(self, scores, selection: Selection | None, n_bins: int, chunk_elems: int):
         """(stats, hist) as `sensitivity_stats` returns them."""
         names = list(scores.names)
+        self.moments = self._tensor_moments(len(names))
         abs_lo, abs_hi = self.abs_lo, self.abs_hi
         edges = counts = None
         if abs_hi > 0:

@@ -106,6 +106,35 @@ def test_chunks_with_reuse_give_the_stored_values_and_check_the_hash(tmp_path, m
             pass
 
 
+@pytest.mark.parametrize("reuse,map_bytes", [(True, 512), (True, 0), (False, 512)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunks_of_a_part_of_a_tensor(tmp_path, monkeypatch, reuse, map_bytes, dtype):
+    """`chunks(start=, stop=)` (ranking's spans): pieces of exactly flat entries [start,
+    stop), starting at ``start``, from mapped windows or reads alike; a part of a tensor
+    not verified yet is refused (its hash needs the whole), and allowed once verified or
+    without `verify`."""
+    monkeypatch.setattr(A, "PIECE_ELEMS", 64)
+    monkeypatch.setattr(A, "MAP_BYTES", map_bytes)
+    t = {"w": torch.randn(5 * 64 + 9), "s": torch.randn(10)}
+    p = A.write_scores(tmp_path / "s.safetensors", t, {}, dtype=dtype)
+    want = t["w"].to(getattr(torch, dtype)).float()
+    sc = A.open_scores(p)
+    with pytest.raises(ValueError, match="cannot be verified"):
+        next(sc.chunks("w", reuse=reuse, start=64, stop=200))
+    assert torch.equal(torch.cat([c.clone() for _, c in sc.chunks("w", reuse=reuse, start=64, stop=200, verify=False)]),
+                       want[64:200])
+    sc.verify()
+    for lo, hi in ((64, 200), (0, 64), (100, 100), (128, 1000), (3, 10), (320, 329)):
+        starts, parts = [], []
+        for s0, c in sc.chunks("w", reuse=reuse, start=lo, stop=hi):
+            starts.append(s0)
+            parts.append(c.clone())
+        end = min(hi, want.numel())
+        assert starts == list(range(lo, end, 64))
+        assert torch.equal(torch.cat(parts) if parts else want[:0], want[lo:end])
+    assert [c.numel() for _, c in sc.chunks("s", start=2, stop=7)] == [5]  # a small tensor
+
+
 def _maps_of(path) -> int:
     """How many memory maps of `path` this process holds (Linux)."""
     real = os.path.realpath(path)

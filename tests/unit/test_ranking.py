@@ -438,56 +438,231 @@ def test_rank_order_is_a_stable_descending_sort():
         assert np.array_equal(rank_order(x).numpy(), want)
 
 
-def test_ranking_runs_on_rank_threads_and_restores_the_count():
-    import cwa.ranking as R
-
+def test_ranking_runs_torch_on_one_thread_per_lane_and_restores_the_count(two_lanes):
+    R, lanes_of = two_lanes
     seen = []
 
     class Spy(DictScores):
-        def get(self, name):
+        def chunks(self, *args, **kwargs):
             seen.append(torch.get_num_threads())
-            return super().get(name)
+            yield from super().chunks(*args, **kwargs)
 
     before = torch.get_num_threads()
-    caller = R.RANK_THREADS + 1
+    caller = 3
     torch.set_num_threads(caller)
     try:
-        sc = Spy({"a": torch.randn(300), "b": torch.randn(40)})
-        topk(sc, 5)
-        rank_with_stats(sc, 5)
-        sensitivity_stats(sc)
+        sc = Spy({"a": torch.randn(3000), "b": torch.randn(40)})
+        topk(sc, 5, chunk_elems=64)
+        rank_with_stats(sc, 5, chunk_elems=64)
+        sensitivity_stats(sc, chunk_elems=64)
         assert torch.get_num_threads() == caller
         with pytest.raises(CwaError, match="NaN"):
             topk(Spy({"a": torch.tensor([1.0, float("nan")])}), 1)
         assert torch.get_num_threads() == caller
     finally:
         torch.set_num_threads(before)
-    assert seen and set(seen) == {R.RANK_THREADS}
+    assert seen and set(seen) == {1}
+    assert len(set(lanes_of)) == 2  # both lanes took spans
 
 
-def test_ranking_leaves_a_core_to_the_hash_on_a_first_read(tmp_path, monkeypatch):
-    """The first read of a scores file hashes it on a thread of its own: ranking then
-    runs on one torch thread fewer, and on all of `RANK_THREADS` once the file is verified."""
+@pytest.fixture
+def two_lanes(monkeypatch):
+    """Two lanes and spans of 256 entries (with chunk_elems=64), each lane made to take
+    one span before either goes on (so both lanes always work); yields (the module, the
+    thread name of every span fed, in feeding order)."""
+    import threading
+
+    import cwa.ranking as R
+
+    monkeypatch.setattr(R, "RANK_THREADS", 2)
+    monkeypatch.setattr(R, "SPAN_ELEMS", 256)
+    names: list[str] = []
+    met: set[str] = set()
+    barrier = threading.Barrier(2, timeout=10)
+    real_span, real_run = R._stream_span, R._run_lanes
+
+    def span(*args, **kwargs):
+        me = threading.current_thread().name
+        names.append(me)
+        if barrier.parties and me not in met:
+            met.add(me)
+            barrier.wait()  # both lanes have a span in hand
+        return real_span(*args, **kwargs)
+
+    def run(units, n_lanes, work):
+        nonlocal barrier
+        met.clear()
+        barrier = threading.Barrier(n_lanes if n_lanes == 2 else 0, timeout=10)
+        return real_run(units, n_lanes, work)
+
+    monkeypatch.setattr(R, "_stream_span", span)
+    monkeypatch.setattr(R, "_run_lanes", run)
+    yield R, names
+
+
+def _lane_tensors():
+    rng = np.random.default_rng(5)
+    return {  # spans of 256: "a" and "c" are split, ties (integers) across spans and lanes
+        "a": torch.from_numpy(rng.integers(-6, 7, size=(40, 60)).astype(np.float32)),
+        "b": torch.from_numpy(rng.standard_normal(70).astype(np.float32)),
+        "c": torch.from_numpy(np.concatenate([rng.standard_normal(1500) * 3,
+                                              np.zeros(100), np.full(50, 6)]).astype(np.float32)),
+    }
+
+
+def test_two_lanes_rank_exactly_and_their_statistics_equal_one_lanes(two_lanes, monkeypatch):
+    """Spans of a tensor ranked on two lanes at once: the exact stable-sort top/bottom-K,
+    global and per layer, ties included, and statistics identical to one lane's, to the
+    last bit (the moments are merged span by span in position order)."""
+    R, lanes_of = two_lanes
+    tensors = _lane_tensors()
+    got = {}
+    for n_lanes in (2, 1):
+        monkeypatch.setattr(R, "RANK_THREADS", n_lanes)
+        for rank_by in ("abs", "value"):
+            for lowest in (False, True):
+                for k in (7, 300, 2000):
+                    fn = bottomk if lowest else topk
+                    _check(fn(DictScores(tensors), k, rank_by=rank_by, chunk_elems=64),
+                           _ref_global(tensors, k, rank_by, lowest))
+                    _check(fn(DictScores(tensors), k, mode="per_layer", rank_by=rank_by, chunk_elems=64),
+                           _ref_per_layer(tensors, k, rank_by, lowest))
+        lanes_of.clear()
+        for mode in ("global", "per_layer"):
+            sel, st, hist = rank_with_stats(DictScores(tensors), 300, mode=mode, chunk_elems=64)
+            got[n_lanes, mode] = (sel, st, hist)
+        assert len(set(lanes_of)) == n_lanes
+    for mode in ("global", "per_layer"):
+        (s2, st2, h2), (s1, st1, h1) = got[2, mode], got[1, mode]
+        assert st2 == st1  # floats compared exactly
+        for key in ("counts", "zeros", "nonfinite", "edges"):
+            np.testing.assert_array_equal(h2[key], h1[key])
+        np.testing.assert_array_equal(s2.draws[0].flat_index, s1.draws[0].flat_index)
+    ref = np.concatenate([t.reshape(-1).double().numpy() for t in tensors.values()])
+    assert math.isclose(got[2, "global"][1]["overall"]["std"], ref.std(), rel_tol=1e-7)
+
+
+def test_ties_split_between_lanes_go_to_the_earliest_positions_and_are_all_counted(two_lanes):
+    """8192 equal keys in 32 spans, about half on each lane, each lane compacting (and
+    rejecting ties) on its own: the top-1000 is positions 0..999 and ties_at_k counts all
+    8192 (a merge out of position order, or one that drops a lane's rejected ties, would
+    miss)."""
+    R, lanes_of = two_lanes
+    x = torch.ones(8192)
+    for fn in (topk, bottomk):
+        sel = fn(DictScores({"w": x}), 1000, chunk_elems=64)
+        np.testing.assert_array_equal(sel.draws[0].flat_index, np.arange(1000))
+        assert sel.ties_at_k == 8192
+    assert len(set(lanes_of)) == 2
+
+
+def test_lanes_on_a_scores_file_and_a_source_without_ranges_agree(two_lanes, tmp_path):
+    """A scores file read in spans on two lanes (mapped windows, and plain reads), and a
+    source whose `chunks` takes no range (whole tensors per lane) rank and summarize the
+    same as the tensors in memory."""
+    from cwa import artifacts as A
+
+    R, lanes_of = two_lanes
+    tensors = _lane_tensors()
+
+    class Whole:  # chunks(name, n) only: no spans
+        def __init__(self, t):
+            self.inner = DictScores(t)
+            self.names = self.inner.names
+
+        def shape(self, name):
+            return self.inner.shape(name)
+
+        def get(self, name):
+            return self.inner.get(name)
+
+        def chunks(self, name, chunk_elems):
+            yield from self.inner.chunks(name, chunk_elems)
+
+    want = rank_with_stats(DictScores(tensors), 300, chunk_elems=64)
+    sc = A.open_scores(A.write_scores(tmp_path / "s.safetensors", tensors, {}))
+    sc.verify()
+    for source, map_bytes in ((sc, A.MAP_BYTES), (sc, 0), (Whole(tensors), A.MAP_BYTES)):
+        A_map = A.MAP_BYTES
+        A.MAP_BYTES = map_bytes
+        try:
+            got = rank_with_stats(source, 300, chunk_elems=64)
+        finally:
+            A.MAP_BYTES = A_map
+        np.testing.assert_array_equal(got[0].draws[0].flat_index, want[0].draws[0].flat_index)
+        np.testing.assert_array_equal(got[0].draws[0].param_index, want[0].draws[0].param_index)
+        assert got[0].ties_at_k == want[0].ties_at_k
+        assert {**got[1], "metric": ""} == {**want[1], "metric": ""}
+        np.testing.assert_array_equal(got[2]["counts"], want[2]["counts"])
+
+
+def test_an_error_on_any_lane_is_raised_and_the_earliest_span_wins(two_lanes, monkeypatch):
+    """NaN at the end of the first tensor and at the start of the second, one span each,
+    one per lane: the second lane fails first, but the first lane finishes its span (it
+    comes before the failure) and its error, the earliest in position order, is raised."""
+    R, lanes_of = two_lanes
+    monkeypatch.setattr(R, "SPAN_ELEMS", 1 << 20)
+    t = {"a": torch.randn(64 * 200), "b": torch.randn(200), "c": torch.randn(100)}
+    t["a"][-1] = float("nan")
+    t["b"][0] = float("nan")
+    for _ in range(3):
+        with pytest.raises(CwaError, match="'a'"):
+            rank_with_stats(DictScores(t), 5, chunk_elems=64)
+        assert set(lanes_of[-2:]) == {"MainThread", "cwa-rank-1"}
+
+
+def test_an_interrupt_of_the_caller_stops_every_lane(monkeypatch):
+    import threading
+
+    import cwa.ranking as R
+
+    monkeypatch.setattr(R, "RANK_THREADS", 2)
+    monkeypatch.setattr(R, "SPAN_ELEMS", 64)
+    fed = []
+    real = R._stream_span
+
+    def span(*args, **kwargs):
+        fed.append(threading.current_thread().name)
+        if threading.current_thread() is threading.main_thread() and len(fed) > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "_stream_span", span)
+    with pytest.raises(KeyboardInterrupt):
+        topk(DictScores({"w": torch.randn(64 * 400)}), 5, chunk_elems=64)
+    assert not [t for t in threading.enumerate() if t.name.startswith("cwa-rank")]
+    assert len(fed) < 400  # the other lane stopped too
+
+
+def test_ranking_a_file_first_read_is_one_lane_of_whole_tensors(tmp_path, monkeypatch):
+    """The first read of a scores file hashes it on a thread of its own, tensor by tensor:
+    ranking then runs one lane of whole tensors; once the file is verified, two lanes of
+    spans."""
     import functools
+    import threading
 
     import cwa.ranking as R
     from cwa import artifacts as A
 
     monkeypatch.setattr(R, "RANK_THREADS", 2)
-    sc = A.open_scores(A.write_scores(tmp_path / "s.safetensors", {"a": torch.randn(300)}, {}))
+    monkeypatch.setattr(R, "SPAN_ELEMS", 256)
+    tensors = {"a": torch.randn(3000), "b": torch.randn(2000)}
+    sc = A.open_scores(A.write_scores(tmp_path / "s.safetensors", tensors, {}))
     seen, chunks = [], sc.chunks
 
     @functools.wraps(chunks)
     def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
+        seen.append((threading.current_thread().name, kwargs.get("start", 0), kwargs.get("stop")))
         yield from chunks(*args, **kwargs)
 
     sc.chunks = spy
     assert sc.needs_hashing()
-    first = topk(sc, 5)
+    first = topk(sc, 5, chunk_elems=64)
     assert not sc.needs_hashing()
-    again = rank_with_stats(sc, 5)[0]
-    assert seen == [1, 2]
+    assert seen == [("MainThread", 0, None)] * 2
+    seen.clear()
+    again = rank_with_stats(sc, 5, chunk_elems=64)[0]
+    assert len(seen) == 12 + 8 and all(s[2] is not None for s in seen)  # spans of 256
     assert np.array_equal(first.draws[0].flat_index, again.draws[0].flat_index)
 
 
@@ -498,6 +673,7 @@ def small_sample(monkeypatch):
 
     monkeypatch.setattr(R, "SAMPLE_RUNS", 64)
     monkeypatch.setattr(R, "SAMPLE_LEN", 4)
+    monkeypatch.setattr(R, "RANK_THREADS", 1)  # one stream per pass (lanes: test_lanes_*)
     return R
 
 
