@@ -24,7 +24,7 @@ one. Configurations alternate; medians of the repeats.
             (the pieces read into two buffers in turn, `cwa.artifacts.MAP_BYTES = 0`,
             instead of viewed in memory-mapped windows), "tN" (N lanes,
             `cwa.ranking.RANK_THREADS`), "bN" (blocks of 2^N, `cwa.ranking.BLOCK_ELEMS`),
-            joined by "+" (t2+b20)
+            joined by "+" (t2+b20), or "before" (the module of `--before`, same settings)
   old       top-K, then `sensitivity_stats`, from `--before` (a saved copy of an earlier
             `cwa/ranking.py`), first read
 
@@ -59,7 +59,9 @@ cfg, path, k, before, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv
 cfg, *variants = cfg.split("+")  # e.g. topk+t2+reads: see --variants
 import cwa.artifacts, cwa.ranking
 for v in variants:
-    if v == "reads":
+    if v == "before":
+        cfg = cfg + "-before"
+    elif v == "reads":
         cwa.artifacts.MAP_BYTES = 0
     elif v[0] == "t":
         cwa.ranking.RANK_THREADS = int(v[1:])
@@ -80,10 +82,11 @@ if cfg.startswith("read"):  # a plain read into buffers, whatever ranking uses
     print(json.dumps({"read_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}))
     sys.exit(0)
 cfg = cfg.removesuffix("-first")
-if cfg == "old":
+if cfg == "old" or cfg.endswith("-before"):
     spec = importlib.util.spec_from_file_location("cwa_ranking_before", before)
     R = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(R)
+    cfg = cfg.removesuffix("-before")
 else:
     import cwa.ranking as R
 t0, c0 = time.perf_counter(), time.process_time()
@@ -170,6 +173,8 @@ def main(argv=None) -> int:
     ks = [int(x) for x in a.k.split(",")]
     tensors, total = bench.llama_subset(a.billions, with_embedding=a.billions >= 1.0)
     variants = [v for v in a.variants.split(",") if v]
+    if "before" in variants and not a.before:
+        ap.error("the variant 'before' needs --before")
     configs = ["read", "read-sha", "topk", "new", "topk-first", "new-first"]
     configs += [f"{c}+{v}" for v in variants for c in ("topk", "new")]
     configs += ["old"] if a.before else []
@@ -216,6 +221,8 @@ def main(argv=None) -> int:
             z = np.load(str(Path(d) / f"new-{k}") + ".npz")
             if a.before:
                 exact[k]["old_vs_new"] = _agree(Path(d) / f"old-{k}", Path(d) / f"new-{k}") or "agree"
+            if "before" in variants:
+                exact[k]["before_vs_new"] = _agree(Path(d) / f"new+before-{k}", Path(d) / f"new-{k}") or "agree"
                 exact[k]["counts_vs_old_binning"] = _counts_check(path, a.before, z)
     size = 4 * total
     print(f"\n{total / 1e9:.2f}e9 float32 scores ({size / 1e9:.2f} GB), {a.repeats} repeats, medians; {time.ctime()}")

@@ -611,8 +611,8 @@ class _TopKStream:
 
     @classmethod
     def merged(cls, streams: list[_TopKStream]) -> _TopKStream:
-        """One stream holding what ``streams`` hold, in position order, so that its
-        `finish` is the top-k of everything they were fed: each was fed its own positions
+        """One stream holding what ``streams`` hold (taking it from them), in position
+        order, so that its `finish` is the top-k of everything they were fed: each was fed its own positions
         in ascending order (lanes), and the top-k of a union is within the union of the
         parts' top-ks. Rejected ties carry over: a part's rejected keys are at most its
         own k-th key, which is at most the union's, so only a part whose k-th key is the
@@ -625,12 +625,19 @@ class _TopKStream:
         for t in streams:
             out._rejected(t.tied_val, t.tied_out)
         pos = [q for t in streams for q in t.pos]
+        raw = [r for t in streams for r in t.raw]
+        for t in streams:  # taken over: the parts' pieces are freed as they are joined
+            t.pos, t.raw, t.size = [], [], 0
         if pos:
-            pos_t, raw_t = torch.cat(pos), torch.cat([r for t in streams for r in t.raw])
+            pos_t = _joined(pos)
             # each stream's pieces are in position order: numpy's stable sort (a merge
             # sort that finds those runs) is 4x torch's argsort here
             order = torch.from_numpy(np.argsort(pos_t.numpy(), kind="stable"))
-            out.pos, out.raw, out.size = [pos_t[order]], [raw_t[order]], pos_t.numel()
+            del pos
+            pos_t = pos_t[order]
+            raw_t = _joined(raw)
+            del raw
+            out.pos, out.raw, out.size = [pos_t], [raw_t[order]], pos_t.numel()
         return out
 
     def _compact(self) -> None:
