@@ -125,9 +125,9 @@ FLOOR_SIGMAS = 8.0
 # that each take the next span of the scores (`_run_lanes`) and work through its blocks
 # alone, torch on one thread each (restored afterwards). Measured on 1e9 scores on two
 # cores (benchmarks/RESULTS.md, "seventh round"): torch's own two threads split every
-# operation of every block and meet ~20 times per block; on this VM that made the whole
-# rank at K = 1e6 take 2.4-7.3 s from run to run (CPU time twice the wall time), against
-# 1.8-2.5 s in two lanes.
+# operation of every block and meet ~20 times per block; in the same runs the whole rank
+# at K = 1e6 took 2.4-5.4 s from run to run with them and 2.2-3.2 s in two lanes (medians
+# 1.06-1.5x faster, CPU time 0.6-0.9x); the top-K alone runs about as fast either way.
 RANK_THREADS = min(2, os.cpu_count() or 1)
 # Lanes take spans of at most this many entries of a tensor (rounded down to whole
 # pieces); the moments are accumulated per span and merged in position order, so the
@@ -296,10 +296,9 @@ def _hashing(scores) -> bool:
 
 def _units(scores, sizes: np.ndarray, chunk_elems: int) -> list[tuple[int, int, int | None]]:
     """The work of a pass in position order: (tensor, first, end) flat ranges (end None:
-    the whole tensor), spans of
-    `_span_elems` entries where the source reads parts of a tensor (its ``chunks`` takes
-    ``start``) and nothing is hashed on the way (a tensor's hash needs all of it, in
-    order), else whole tensors. Empty tensors have none."""
+    the whole tensor), spans of `_span_elems` entries where the source reads parts of a
+    tensor (its ``chunks`` takes ``start``) and nothing is hashed on the way (a tensor's
+    hash needs all of it, in order), else whole tensors. Empty tensors have none."""
     chunks = getattr(scores, "chunks", None)
     ranged = (chunks is not None and "start" in inspect.signature(chunks).parameters
               and not _hashing(scores))
@@ -612,9 +611,9 @@ class _TopKStream:
     @classmethod
     def merged(cls, streams: list[_TopKStream]) -> _TopKStream:
         """One stream holding what ``streams`` hold (taking it from them), in position
-        order, so that its `finish` is the top-k of everything they were fed: each was fed its own positions
-        in ascending order (lanes), and the top-k of a union is within the union of the
-        parts' top-ks. Rejected ties carry over: a part's rejected keys are at most its
+        order, so that its `finish` is the top-k of everything they were fed: each was fed
+        its own positions in ascending order (lanes), and the top-k of a union is within
+        the union of the parts' top-ks. Rejected ties carry over: a part's rejected keys are at most its
         own k-th key, which is at most the union's, so only a part whose k-th key is the
         union's can have rejected entries equal to it, and it counted them."""
         if len(streams) == 1:
@@ -702,8 +701,8 @@ def _stream_span(
     chunk_elems: int, rank_by: str, lowest: bool, stats: _StatsStream | None, p: int,
     scratch: _Scratch, stopped: Callable[[], bool],
 ) -> None:
-    """Feed every chunk of flat entries [span) of one score tensor (positions from
-    ``offset``) to ``stream``, raising on NaN; with ``stats`` (top-K only, or statistics
+    """Feed every chunk of one score tensor's flat entries ``span`` = (first, end; None:
+    to the end) (positions from ``offset``) to ``stream``, raising on NaN; with ``stats`` (top-K only, or statistics
     alone when ``stream`` is None) the same chunks also feed the statistics of tensor
     ``p``, so that ranking and statistics are one read of the scores. Returns early once
     ``stopped()`` (an earlier span failed on another lane).
@@ -793,8 +792,8 @@ def _rank_global(
     lowest: bool,
     stats: _StatsStream | None = None,
 ) -> tuple[Draw, int, float]:
-    """One stream over every tensor (positions offset by tensor): the draw, the ties at
-    K and the K-th key."""
+    """One stream per lane over every tensor (positions offset by tensor), merged: the
+    draw, the ties at K and the K-th key."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     floor = _sample_floor(scores, names, sizes, k, rank_by, lowest)
     streams = _lanes_pass(scores, names, sizes, chunk_elems, rank_by, lowest, stats,
