@@ -1001,7 +1001,7 @@ class ScoresFile(Scores):
         if verify and not whole and self._unverified(name):
             raise ValueError(f"{self.path}: a part of tensor {name!r} cannot be verified; "
                              "verify() the file first")
-        if stop - start <= step or not self._readable(name):
+        if not self._readable(name) or (whole and n <= step):  # the whole tensor at once
             if start < stop:
                 flat = self.get(name, verify=verify).reshape(-1)
                 yield start, flat if whole else flat[start:stop]
@@ -1044,12 +1044,12 @@ class ScoresFile(Scores):
                 _ReleaseFreedHeap.check()  # the consumer is done with the piece
 
     def _mapped_raws(self, name: str, step: int, lo: int, hi: int) -> Iterator[tuple[int, Any]]:
-        """(start, stored values) pieces of `step` entries of flat entries [lo, hi), views of memory maps of
-        `MAP_BYTES` windows of the file, each unmapped when its last piece (and every view
-        of it) is gone, so that the resident set holds about two windows. A read copies
-        every byte from the page cache into a buffer; a mapped window hands the consumer
-        the page cache's own pages, so a pass that only reduces its pieces costs less than
-        a plain read of the file (benchmarks/RESULTS.md). Private (copy-on-write) maps: a
+        """(start, stored values) pieces of `step` entries of flat entries [lo, hi), views
+        of memory maps of `MAP_BYTES` windows of the file, each unmapped when its last
+        piece (and every view of it) is gone, so that the resident set holds about two
+        windows. A read copies every byte from the page cache into a buffer; a mapped
+        window hands the consumer the page cache's own pages, so a pass that only reduces
+        its pieces costs less than a plain read of the file (benchmarks/RESULTS.md). Private (copy-on-write) maps: a
         consumer that writes into a piece changes its own copy, never the file. The file's
         size is checked before each window is mapped: a file cut short by another program
         is an error, unless the cut falls inside the window being read, which ends the

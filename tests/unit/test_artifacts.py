@@ -124,6 +124,7 @@ def test_chunks_of_a_part_of_a_tensor(tmp_path, monkeypatch, reuse, map_bytes, d
     assert torch.equal(torch.cat([c.clone() for _, c in sc.chunks("w", reuse=reuse, start=64, stop=200, verify=False)]),
                        want[64:200])
     sc.verify()
+    monkeypatch.setattr(sc, "get", None)  # a part is read alone, never the whole tensor
     for lo, hi in ((64, 200), (0, 64), (100, 100), (128, 1000), (3, 10), (320, 329)):
         starts, parts = [], []
         for s0, c in sc.chunks("w", reuse=reuse, start=lo, stop=hi):
@@ -133,6 +134,7 @@ def test_chunks_of_a_part_of_a_tensor(tmp_path, monkeypatch, reuse, map_bytes, d
         assert starts == list(range(lo, end, 64))
         assert torch.equal(torch.cat(parts) if parts else want[:0], want[lo:end])
     assert [c.numel() for _, c in sc.chunks("s", start=2, stop=7)] == [5]  # a small tensor
+    assert [c.numel() for _, c in sc.chunks("s", start=0, stop=0)] == []
 
 
 def _maps_of(path) -> int:
