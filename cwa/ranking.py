@@ -127,7 +127,7 @@ FLOOR_SIGMAS = 8.0
 # cores (benchmarks/RESULTS.md, "seventh round"): torch's own two threads split every
 # operation of every block and meet ~20 times per block; in the same runs the whole rank
 # at K = 1e6 took 2.4-5.4 s from run to run with them and 2.2-3.2 s in two lanes (medians
-# 1.06-1.5x faster, CPU time 0.6-0.9x); the top-K alone runs about as fast either way.
+# 1.06-1.57x faster, CPU time 0.54-0.93x); the top-K alone runs about as fast either way.
 RANK_THREADS = min(2, os.cpu_count() or 1)
 # Lanes take spans of at most this many entries of a tensor (rounded down to whole
 # pieces); the moments are accumulated per span and merged in position order, so the
