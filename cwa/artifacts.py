@@ -736,11 +736,9 @@ class Scores:
     ) -> Iterator[tuple[int, Any]]:
         """Views of the tensor in memory, of flat entries [start, stop) (``reuse`` changes
         nothing: no buffer is read)."""
-        flat = self.get(name).reshape(-1)
-        step = max(1, int(chunk_elems))
-        stop = flat.numel() if stop is None else min(int(stop), flat.numel())
-        for i in range(int(start), stop, step):
-            yield i, flat[i : min(i + step, stop)]
+        from cwa.ranking import iter_chunks
+
+        yield from iter_chunks(self.get(name), chunk_elems, start, stop)
 
     def sample_runs(self, name: str, starts: list[int], length: int):
         """float32 runs of `length` entries of the flat tensor from each start, concatenated

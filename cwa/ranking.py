@@ -249,12 +249,9 @@ class DictScores:
 
     def chunks(self, name: str, chunk_elems: int, reuse: bool = False, start: int = 0,
                stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """(start, float32 view) pieces of flat entries [start, stop)."""
-        flat = self._tensors[name].reshape(-1)
-        stop = flat.numel() if stop is None else min(int(stop), flat.numel())
-        step = max(1, int(chunk_elems))
-        for i in range(int(start), stop, step):
-            yield i, flat[i : min(i + step, stop)].float()
+        """(start, float32 piece) pieces of flat entries [start, stop)."""
+        for i, piece in iter_chunks(self._tensors[name], chunk_elems, start, stop):
+            yield i, piece.float()
 
     def sample_runs(self, name: str, starts: list[int], length: int) -> torch.Tensor:
         return flat_runs(self._tensors[name], starts, length)
@@ -379,13 +376,15 @@ def population_sizes(scores) -> np.ndarray:
     return np.array([_numel(scores.shape(n)) for n in scores.names], dtype=np.int64)
 
 
-def iter_chunks(tensor: torch.Tensor, chunk_elems: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, flat slice) pieces of at most ``chunk_elems`` entries; views, no copies."""
+def iter_chunks(tensor: torch.Tensor, chunk_elems: int, start: int = 0,
+                stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, flat slice) pieces of at most ``chunk_elems`` entries of flat entries
+    [start, stop); views, no copies."""
     flat = tensor.reshape(-1)
-    n = flat.numel()
+    stop = flat.numel() if stop is None else min(int(stop), flat.numel())
     step = max(1, int(chunk_elems))
-    for start in range(0, n, step):
-        yield start, flat[start : start + step]
+    for i in range(int(start), stop, step):
+        yield i, flat[i : min(i + step, stop)]
 
 
 def source_chunks(
@@ -404,9 +403,7 @@ def source_chunks(
     if lo or hi is not None:
         kw = {"start": lo, "stop": hi}
     if chunks is None:
-        flat = scores.get(name).reshape(-1)
-        for start, piece in iter_chunks(flat[lo:hi], chunk_elems):
-            yield lo + start, piece
+        yield from iter_chunks(scores.get(name), chunk_elems, lo, hi)
     elif transient and "reuse" in inspect.signature(chunks).parameters:
         yield from chunks(name, chunk_elems, reuse=True, **kw)
     else:
@@ -1166,7 +1163,6 @@ class _StatsStream:
     def __init__(self, n_params: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> None:
         self.span = _span_elems(chunk_elems)
         self.span_moments: dict[tuple[int, int], _Moments] = {}
-        self.moments: list[_Moments] = []  # per tensor, by `finish`
         self.n_zero = np.zeros(n_params, dtype=np.int64)
         self.n_nonfinite = np.zeros(n_params, dtype=np.int64)
         self.cells = np.zeros((n_params, _N_CELLS), dtype=np.int64)
@@ -1233,7 +1229,6 @@ class _StatsStream:
     def finish(self, scores, selection: Selection | None, n_bins: int, chunk_elems: int):
         """(stats, hist) as `sensitivity_stats` returns them."""
         names = list(scores.names)
-        self.moments = self._tensor_moments(len(names))
         abs_lo, abs_hi = self.abs_lo, self.abs_hi
         edges = counts = None
         if abs_hi > 0:
@@ -1245,7 +1240,8 @@ class _StatsStream:
                 counts = _histogram_pass(scores, names, chunk_elems, edges, n_bins)
         if counts is None:
             counts = np.zeros((len(names), n_bins), dtype=np.int64)
-        return _summaries(scores, names, selection, n_bins, edges, counts, self)
+        return _summaries(scores, names, selection, n_bins, edges, counts, self,
+                          self._tensor_moments(len(names)))
 
     def _counts_from_cells(self, edges: np.ndarray, n_bins: int) -> np.ndarray:
         """Counts per bin of positive finite |s|: whole cells between the inner edges
@@ -1280,8 +1276,10 @@ def _cell_edges(lo: float, hi: float, n_bins: int) -> np.ndarray | None:
     return e
 
 
-def _summaries(scores, names, selection, n_bins, edges, counts, stream: _StatsStream):
-    """The stats document and the histogram arrays from the per-tensor accumulators."""
+def _summaries(scores, names, selection, n_bins, edges, counts, stream: _StatsStream,
+               moments: list[_Moments]):
+    """The stats document and the histogram arrays from the accumulators (``moments``:
+    each tensor's)."""
     abs_lo, abs_hi = stream.abs_lo, stream.abs_hi
     sel_counts = _selection_counts(selection, names)
 
@@ -1294,8 +1292,8 @@ def _summaries(scores, names, selection, n_bins, edges, counts, stream: _StatsSt
     sizes = population_sizes(scores)
     n_zero, n_nonfinite = stream.n_zero, stream.n_nonfinite
     for p, name in enumerate(names):
-        total.merge(stream.moments[p])
-        per[name] = block(stream.moments[p], sizes[p], n_zero[p], n_nonfinite[p], counts[p])
+        total.merge(moments[p])
+        per[name] = block(moments[p], sizes[p], n_zero[p], n_nonfinite[p], counts[p])
         per[name]["shape"] = list(scores.shape(name))
         if sel_counts is not None:
             per[name].update(_topk_share(sel_counts, p))

@@ -556,7 +556,7 @@ def test_ties_split_between_lanes_go_to_the_earliest_positions_and_are_all_count
     assert len(set(lanes_of)) == 2
 
 
-def test_lanes_on_a_scores_file_and_a_source_without_ranges_agree(two_lanes, tmp_path):
+def test_lanes_on_a_scores_file_and_a_source_without_ranges_agree(two_lanes, tmp_path, monkeypatch):
     """A scores file read in spans on two lanes (mapped windows, and plain reads), and a
     source whose `chunks` takes no range (whole tensors per lane) rank and summarize the
     same as the tensors in memory."""
@@ -583,12 +583,8 @@ def test_lanes_on_a_scores_file_and_a_source_without_ranges_agree(two_lanes, tmp
     sc = A.open_scores(A.write_scores(tmp_path / "s.safetensors", tensors, {}))
     sc.verify()
     for source, map_bytes in ((sc, A.MAP_BYTES), (sc, 0), (Whole(tensors), A.MAP_BYTES)):
-        A_map = A.MAP_BYTES
-        A.MAP_BYTES = map_bytes
-        try:
-            got = rank_with_stats(source, 300, chunk_elems=64)
-        finally:
-            A.MAP_BYTES = A_map
+        monkeypatch.setattr(A, "MAP_BYTES", map_bytes)
+        got = rank_with_stats(source, 300, chunk_elems=64)
         np.testing.assert_array_equal(got[0].draws[0].flat_index, want[0].draws[0].flat_index)
         np.testing.assert_array_equal(got[0].draws[0].param_index, want[0].draws[0].param_index)
         assert got[0].ties_at_k == want[0].ties_at_k
