@@ -1,22 +1,36 @@
 """The prepared GPU check (issue 13): every metric on a Llama-3.1-8B-shaped model.
 
-    python benchmarks/gpu_check.py            # one 80 GB-class GPU, <= 8 minutes
-    python benchmarks/gpu_check.py --tiny     # the same code on the CPU (the test suite runs it)
+    python benchmarks/gpu_check.py --json OUT.json   # one 80 GB-class GPU, <= 8 minutes
+    python benchmarks/gpu_check.py --tiny            # the same code on the CPU (the suite runs it)
 
 Builds the model from its config with random bf16 weights directly on the device (no
 download), writes 8 windows x 256 random tokens as a `.npy`, and for every metric runs
 `cwa.stages.score_stage` in memory; then one perturbation condition (sign_flip of the
 top-100 of the magnitude scores). Prints, per metric: seconds per window, peak device
 memory against `benchmarks/memory_plan.py`'s estimate, and the share of wall time the
-device was idle (host work: from the profiler's kernel time on CUDA; "n/a" on the CPU).
-A metric that runs out of memory is reported as such and the check goes on. Results go
-to stdout as a table and, with `--json PATH`, as JSON. Record them in RESULTS.md.
+device was idle (host work: the union of the profiler's kernel and copy intervals on
+CUDA; "n/a" on the CPU).
+
+Made to come back with numbers from one try: magnitude runs first (it gives the
+perturbation's top-100, ranked at once so its 32 GB of host scores are freed), then the
+headline `hutchinson_diag`, then the rest; each metric's scores are dropped as soon as it
+is measured (six metrics' float32 scores of 8 B weights would be 192 GB of host memory);
+a metric that fails (out of memory or any other error) is reported as such and the check
+goes on; no metric starts once `--budget-s` seconds have passed since the start (it is
+reported as skipped); and `--json` is rewritten after every metric, so a run stopped from
+outside still leaves what it measured. Record the numbers in RESULTS.md.
+
+On the lent H200 (its python3 has torch and transformers; cwa needs no install there):
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=$PWD timeout 560 python3 benchmarks/gpu_check.py \\
+        --json $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import sys
 import tempfile
@@ -31,13 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory_plan import LLAMA_31_8B, Arch, plan  # noqa: E402
 
-METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag")
+# magnitude first (the perturbation's top-100), then the headline metric, then the rest
+METRICS = ("magnitude", "hutchinson_diag", "grad_x_weight", "grad_squared", "hessian_diag", "act_mag")
 TINY = Arch("tiny Llama", vocab=512, hidden=64, intermediate=224, layers=2, heads=4, kv_heads=2)
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def build(arch: Arch, device: str, dtype: torch.dtype, seed: int = 0):
     """A LoadedModel around a randomly initialised Llama of `arch`, made on `device`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from cwa.models import LoadedModel, embedded_dir
 
@@ -54,8 +70,6 @@ def build(arch: Arch, device: str, dtype: torch.dtype, seed: int = 0):
     finally:
         torch.set_default_dtype(default)
     model.eval()
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(embedded_dir())  # only its name is used: windows are ids
     name = f"random {arch.name} ({dtype}, seed {seed})"
     return LoadedModel(lambda: model, tok, cfg, name, f"gpu-check-{arch.name}-{seed}", str(dtype).split(".")[-1],
@@ -68,12 +82,33 @@ def _windows(arch: Arch, n: int, seq_len: int, d: Path) -> Path:
     return p
 
 
-def _idle_share(fn, device: str) -> tuple[float, float | None]:
-    """(wall seconds, share of it with no kernel running) for fn()."""
+def busy_seconds(intervals) -> float:
+    """Length of the union of `(start, end)` intervals (overlapping kernels count once)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def device_intervals_s(prof, device_type=None) -> list[tuple[float, float]]:
+    """(start, end) in seconds of every event the profiler saw on `device_type` (default
+    the GPU: its kernels, copies and fills)."""
+    from torch.autograd import DeviceType
+
+    want = DeviceType.CUDA if device_type is None else device_type
+    return [(e.time_range.start / 1e6, e.time_range.end / 1e6) for e in prof.events() if e.device_type == want]
+
+
+def _timed(fn, device: str) -> tuple[float, float | None, str | None]:
+    """(wall seconds, share of it with nothing running on the GPU, why that share is
+    missing) for fn(); the share is None on the CPU or when the profiler fails."""
     if not device.startswith("cuda"):
         t0 = time.perf_counter()
         fn()
-        return time.perf_counter() - t0, None
+        return time.perf_counter() - t0, None, None
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -82,25 +117,44 @@ def _idle_share(fn, device: str) -> tuple[float, float | None]:
         fn()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    busy = sum(e.device_time_total for e in prof.key_averages()) / 1e6  # overlapping kernels: an upper bound
-    return wall, max(0.0, 1.0 - busy / wall) if wall > 0 else None
+    try:  # a profiler problem costs the idle share, never the metric's numbers
+        busy = busy_seconds(device_intervals_s(prof))
+        return wall, max(0.0, 1.0 - busy / wall), None
+    except Exception as e:  # noqa: BLE001 - reported in the row
+        return wall, None, f"{type(e).__name__}: {e}"
 
 
-def run_metric(lm, data, metric: str, device: str, n: int) -> dict:
+def _error(e: BaseException) -> str:
+    kind = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else type(e).__name__
+    return f"{kind}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def run_metric(lm, data, metric: str, device: str, n: int, keep) -> dict:
+    """Score `metric` once and measure it; `keep(scores)` sees the scores before they
+    are dropped (the check holds no metric's scores past its own row)."""
     from cwa.stages import score_stage
 
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     box: dict = {}
+    row: dict = {"metric": metric}
     try:
-        wall, idle = _idle_share(lambda: box.setdefault("r", score_stage(
+        wall, idle, why = _timed(lambda: box.setdefault("r", score_stage(
             lm, data, metric=metric, hutchinson_samples=1, mc_samples=1)), device)
-    except torch.cuda.OutOfMemoryError as e:
-        return {"metric": metric, "error": f"out of memory ({str(e).splitlines()[0][:120]})"}
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-    return {"metric": metric, "seconds": wall, "seconds_per_window": wall / n, "peak_bytes": peak,
-            "idle_share": idle, "scores": box["r"].value}
+        peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+        row.update(seconds=wall, seconds_per_window=wall / n, peak_bytes=peak, idle_share=idle)
+        if why:
+            row["idle_error"] = why
+        keep(box["r"].value)
+    except Exception as e:  # noqa: BLE001 - one metric's failure must not cost the others' numbers
+        row["error"] = _error(e)
+    finally:
+        box.clear()
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,23 +162,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU (the suite runs this)")
     ap.add_argument("--windows", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="model dtype (default: bfloat16 on the GPU, float32 with --tiny)")
     ap.add_argument("--metrics", default=",".join(METRICS))
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="start no metric after this many seconds from the start (default 420)")
+    ap.add_argument("--json", type=Path, default=None, help="rewritten after every metric")
     a = ap.parse_args(argv)
+    t_start = time.perf_counter()
     arch = TINY if a.tiny else LLAMA_31_8B
     device = "cpu" if a.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --tiny for the CPU variant", file=sys.stderr)
         return 2
     n, seq = a.windows or (2 if a.tiny else 8), a.seq_len or (16 if a.tiny else 256)
-    dtype = torch.float32 if a.tiny else torch.bfloat16
+    dtype = DTYPES[a.dtype] if a.dtype else (torch.float32 if a.tiny else torch.bfloat16)
+    dbytes = 2 if dtype == torch.bfloat16 else 4
+    import transformers
+
     from cwa.stages import DataOptions, perturb_stage, rank_stage
 
-    t_build = time.perf_counter()
     lm = build(arch, device, dtype)
-    built = time.perf_counter() - t_build
-    est, counts = plan(arch, dtype_bytes=2 if dtype == torch.bfloat16 else 4, batch=n, seq_len=seq)
-    rows = []
+    built = time.perf_counter() - t_start
+    est, counts = plan(arch, dtype_bytes=dbytes, batch=n, seq_len=seq)
+    est1 = plan(arch, dtype_bytes=dbytes, batch=1, seq_len=seq)[0]
+    doc = {"arch": arch.name, "device": device,
+           "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "torch": torch.__version__, "transformers": transformers.__version__,
+           "dtype": str(dtype), "windows": n, "seq_len": seq, "params": counts["params"],
+           "build_seconds": built, "budget_s": a.budget_s, "metrics": [], "perturb": None, "complete": False}
+
+    def save() -> None:
+        if a.json:
+            tmp = a.json.with_name(a.json.name + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=2))
+            tmp.replace(a.json)
+
+    print(f"{doc['device_name']}: {arch.name}, {counts['params'] / 1e9:.2f} B weights, {dtype}, "
+          f"built in {built:.1f} s; torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    save()
+    top: list = []
     with tempfile.TemporaryDirectory() as d:
         npy = _windows(arch, n, seq, Path(d))
         data = DataOptions(data=str(npy), eval_data=str(npy), calib_samples=n, eval_samples=n, seq_len=seq, batch_size=n)
@@ -132,36 +209,47 @@ def main(argv: list[str] | None = None) -> int:
             # Hutchinson's double backward keeps ~3x the activations: the memory plan runs it
             # one window per batch (batch size never changes results)
             one = m == "hutchinson_diag"
-            r = run_metric(lm, dataclasses.replace(data, batch_size=1) if one else data, m, device, n)
+            if time.perf_counter() - t_start > a.budget_s:
+                r = {"metric": m, "skipped": f"time budget ({a.budget_s:.0f} s) spent before it started"}
+            else:
+                def keep(scores, m=m):
+                    if m == "magnitude":  # ranked now, so its scores need not outlive this row
+                        top.append(rank_stage(scores, topk=100).value)
+
+                r = run_metric(lm, dataclasses.replace(data, batch_size=1) if one else data, m, device, n, keep)
             r["batch_size"] = 1 if one else n
-            r["plan_likely_bytes"] = (plan(arch, dtype_bytes=2 if dtype == torch.bfloat16 else 4, batch=1,
-                                           seq_len=seq)[0] if one else est)[m]["likely"]
-            rows.append(r)
+            r["plan_likely_bytes"] = (est1 if one else est)[m]["likely"]
+            doc["metrics"].append(r)
             print(_row(r), flush=True)
-        mag = next((r["scores"] for r in rows if r["metric"] == "magnitude" and "scores" in r), None)
-        if mag is not None:
-            top = rank_stage(mag, topk=100).value
+            save()
+        if top and time.perf_counter() - t_start <= a.budget_s:
             t0 = time.perf_counter()
-            res = perturb_stage(lm, data, [top], method="sign_flip").value
-            pert = {"seconds": time.perf_counter() - t0, "delta_nll": res.summary["topk"]["delta_nll"]}
-            print(f"perturb sign_flip top-100: {pert['seconds']:.1f} s, ΔNLL {pert['delta_nll']:.4f}")
-        else:
-            pert = None
-    doc = {"arch": arch.name, "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "dtype": str(dtype), "windows": n, "seq_len": seq, "params": counts["params"], "build_seconds": built,
-           "metrics": [{k: v for k, v in r.items() if k != "scores"} for r in rows], "perturb": pert}
-    if a.json:
-        a.json.write_text(json.dumps(doc, indent=2))
+            try:
+                res = perturb_stage(lm, data, top, method="sign_flip").value
+                doc["perturb"] = {"seconds": time.perf_counter() - t0, "delta_nll": res.summary["topk"]["delta_nll"]}
+                print(f"perturb sign_flip top-100: {doc['perturb']['seconds']:.1f} s, "
+                      f"ΔNLL {doc['perturb']['delta_nll']:.4f}", flush=True)
+            except Exception as e:  # noqa: BLE001 - reported
+                doc["perturb"] = {"error": _error(e)}
+                print(f"perturb sign_flip top-100: {doc['perturb']['error']}", flush=True)
+    doc["complete"] = True
+    doc["seconds"] = time.perf_counter() - t_start
+    print(f"done in {doc['seconds']:.0f} s", flush=True)
+    save()
     return 0
 
 
 def _row(r: dict) -> str:
-    if "error" in r:
-        return f"{r['metric']:16s} {r['error']}"
-    peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f} GiB"
+    if "error" in r or "skipped" in r:
+        return f"{r['metric']:16s} {r.get('error') or r['skipped']}"
+    peak = "n/a" if r["peak_bytes"] is None else _size(r["peak_bytes"])
     idle = "n/a" if r["idle_share"] is None else f"{r['idle_share']:.0%}"
-    return (f"{r['metric']:16s} {r['seconds_per_window']:.3f} s/window  peak {peak} "
-            f"(plan {r['plan_likely_bytes'] / 2**30:.1f} GiB)  idle {idle}")
+    return (f"{r['metric']:16s} batch {r['batch_size']}  {r['seconds_per_window']:.3f} s/window  peak {peak} "
+            f"(plan {_size(r['plan_likely_bytes'])})  idle {idle}")
+
+
+def _size(b: float) -> str:
+    return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 if __name__ == "__main__":
