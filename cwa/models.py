@@ -435,16 +435,9 @@ def _adapter_base(adapter_dir: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def _locate_adapter(path: Path, model: str) -> _Source:
-    """The base model of PEFT adapter directory `path`, located like any --model value, with
-    the adapter attached."""
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        raise CwaError(
-            f"--model {model}: is a PEFT adapter ({ADAPTER_CONFIG}); loading it needs the 'peft' "
-            "package (pip install 'cwa[peft]')"
-        ) from None
+def adapter_base_ref(path: Path, model: str) -> tuple[str, str | None]:
+    """(base model, its hub revision or None) that PEFT adapter directory `path` names in
+    its adapter_config.json; `model` is how the user named the adapter (for errors)."""
     acfg = _adapter_base(path)
     base = acfg.get("base_model_name_or_path")
     if not acfg:
@@ -456,8 +449,27 @@ def _locate_adapter(path: Path, model: str) -> _Source:
         )
     is_path = Path(base).exists() or _looks_like_path(base) or base in _EMBEDDED_NAMES
     rev = acfg.get("revision") if not is_path and isinstance(acfg.get("revision"), str) else None
+    return base, rev or None
+
+
+def adapter_weights_file(adapter_dir: Path) -> Path | None:
+    """The adapter's weight file (safetensors before pickle), None when there is none."""
+    return next((f for f in (adapter_dir / n for n in _ADAPTER_WEIGHTS) if f.is_file()), None)
+
+
+def _locate_adapter(path: Path, model: str) -> _Source:
+    """The base model of PEFT adapter directory `path`, located like any --model value, with
+    the adapter attached."""
     try:
-        src = _locate(base, rev or None)
+        import peft  # noqa: F401
+    except ImportError:
+        raise CwaError(
+            f"--model {model}: is a PEFT adapter ({ADAPTER_CONFIG}); loading it needs the 'peft' "
+            "package (pip install 'cwa[peft]')"
+        ) from None
+    base, rev = adapter_base_ref(path, model)
+    try:
+        src = _locate(base, rev)
     except CwaError as e:
         raise type(e)(f"--model {model}: its base model {base} ({ADAPTER_CONFIG}) cannot be used: {e}") from None
     if src.adapter is not None:
@@ -469,17 +481,15 @@ def _locate_adapter(path: Path, model: str) -> _Source:
 def _adapter_weights(src: _Source, allow_pickle: bool) -> Path:
     """The adapter's weight file: safetensors, or a pickle only with `allow_pickle` (which
     peft then reads with `torch.load(weights_only=True)`)."""
-    st, pk = (src.adapter / n for n in _ADAPTER_WEIGHTS)
-    if st.is_file():
-        return st
-    if pk.is_file() and not allow_pickle:
+    f = adapter_weights_file(src.adapter)
+    if f is None:
+        raise CwaError(f"--model {src.adapter_arg}: the adapter has no weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+    if f.suffix != ".safetensors" and not allow_pickle:
         raise UsageError(
-            f"--model {src.adapter_arg}: the adapter holds only a pickle ({pk.name}); cwa never "
+            f"--model {src.adapter_arg}: the adapter holds only a pickle ({f.name}); cwa never "
             "unpickles files: save it with safetensors (save_pretrained(dir)) or pass --allow-pickle"
         )
-    if pk.is_file():
-        return pk
-    raise CwaError(f"--model {src.adapter_arg}: the adapter has no weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+    return f
 
 
 def _adapter_loader(base_loader: Callable[[], Any], src: _Source, dev: str, device_map: str | None):

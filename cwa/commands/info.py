@@ -1,12 +1,15 @@
 """`cwa info`: a readable summary on stdout of an artifact, a JSON report or a model.
 
-A model (a hub id, an HF directory, a `.gguf` file, or `embedded`) is listed parameter by
+A model (a hub id, an HF directory, a PEFT adapter directory, a `.gguf` file, or
+`embedded`) is listed parameter by
 parameter, under the names `named_parameters()` gives, which are the names `--include`
 and `--exclude` match, with their shapes and stored dtypes. The weights are never loaded:
 the architecture is built from the config on PyTorch's `meta` device (shapes, no
 storage), and the stored dtypes come from the safetensors headers or the GGUF tensor
 table (read through a memory map). A hub id is looked up in the local cache only, never
-downloaded. Pickle checkpoints are not opened (their dtypes show as `?`).
+downloaded. Pickle checkpoints are not opened (their dtypes show as `?`). An adapter is
+described as what `--model` loads: its base model's parameters (the adapter's update is
+merged into them), with the fingerprint of base plus adapter.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def info_cmd(
         list[str],
         typer.Argument(help="Artifacts (scores, selection, results, stability), JSON reports (cwa eval, "
                        "perturbation_results.json), models (hub id in the local cache, HF directory, "
-                       ".gguf, embedded), or - for paths on stdin.", metavar="TARGET..."),
+                       "PEFT adapter directory, .gguf, embedded), or - for paths on stdin.", metavar="TARGET..."),
     ],
     revision: O.RevisionOpt = None,
     trust_remote_code: O.TrustOpt = False,
@@ -130,8 +133,12 @@ def describe_model(model: str, *, revision: str | None = None, trust_remote_code
     for d in stored.values():
         counts[d] = counts.get(d, 0) + 1
     fields = [("model", where["name"]), ("source", where["kind"]), ("path", str(where["path"]))]
+    if where.get("adapter_commit"):
+        fields.append(("commit", where["adapter_commit"]))
+    if where.get("adapter"):
+        fields.append(("base model", where["base"]))
     if where.get("commit"):
-        fields.append(("commit", where["commit"]))
+        fields.append(("base commit" if where.get("adapter") else "commit", where["commit"]))
     fields += [
         ("architecture", arch), ("model_type", str(getattr(config, "model_type", None))),
         ("fingerprint", fingerprint),
@@ -142,6 +149,9 @@ def describe_model(model: str, *, revision: str | None = None, trust_remote_code
     notes = [f"tied: {', '.join(a)} share {name} (scored once, as {name}; a glob on any of the names matches)"
              for name, a in aliases.items()]
     notes.append("scored: the default set; --include replaces it, --exclude removes matches (globs on these names)")
+    if where.get("adapter"):
+        notes.append("adapter: loaded, its update is merged into the base's weights: the parameters, shapes and "
+                     "stored dtypes are the base's (the adapter's own factors are not parameters)")
     if unmatched:
         notes.append(f"{unmatched} parameter(s) with stored dtype '?': {stored_from}")
     return {"schema": "model", "fields": fields,
@@ -174,6 +184,8 @@ def _locate(model: str, revision: str | None) -> dict[str, Any]:
                 f"{model}: a cwa run output directory, not a model; pass its files "
                 f"(e.g. {p / 'perturbation_results.json'}, {p / 'artifacts'}/*)"
             )
+        if not (p / "config.json").is_file() and (p / models.ADAPTER_CONFIG).is_file():
+            return _locate_adapter(model, p)
         if not (p / "config.json").is_file():
             raise CwaError(f"{model}: not a model directory (no config.json) and not an artifact file")
         return {"kind": kind, "name": model, "path": p, "folder": p}
@@ -189,7 +201,27 @@ def _locate(model: str, revision: str | None) -> dict[str, Any]:
             f"(cwa info never downloads: hf download {model})"
         )
     commit, snap = found
+    if not (snap / "config.json").is_file() and (snap / models.ADAPTER_CONFIG).is_file():
+        return {**_locate_adapter(model, snap), "adapter_commit": commit}  # a cached adapter repository
     return {"kind": "hub cache", "name": model, "path": snap, "folder": snap, "commit": commit}
+
+
+def _locate_adapter(model: str, p: Path) -> dict[str, Any]:
+    """A PEFT adapter directory: its base model, located like any model, with the adapter
+    noted (what `--model` loads is the base with the adapter's update merged in, under the
+    base's parameter names; peft is not needed to describe it)."""
+    from cwa import models
+    from cwa.errors import CwaError
+
+    base, rev = models.adapter_base_ref(p, model)
+    try:
+        where = _locate(base, rev)
+    except CwaError as e:
+        raise type(e)(f"{model}: its base model {base} ({models.ADAPTER_CONFIG}) cannot be read: {e}") from None
+    if "adapter" in where:
+        raise CwaError(f"{model}: its base model {base} is itself an adapter; merge that one first")
+    return {**where, "kind": f"PEFT adapter on {where['kind']}", "name": model, "path": p,
+            "adapter": p, "base": f"{where['name']} ({where['path']})"}
 
 
 def _config(model: str, where: dict[str, Any], trust_remote_code: bool):
@@ -285,8 +317,13 @@ def _fingerprint(where: dict[str, Any]) -> str | None:
     from cwa import models
 
     if "gguf" in where:
-        return models.gguf_fingerprint(where["gguf"])
-    return models.checkpoint_fingerprint(where["folder"], where.get("commit"))
+        base = models.gguf_fingerprint(where["gguf"])
+    else:
+        base = models.checkpoint_fingerprint(where["folder"], where.get("commit"))
+    if "adapter" not in where or base is None:
+        return base
+    weights = models.adapter_weights_file(where["adapter"])  # hashed, never unpickled
+    return None if weights is None else models.adapter_fingerprint(where["adapter"], base, weights)
 
 
 def _load_error(model: str, e: Exception, what: str) -> str:

@@ -424,6 +424,93 @@ def test_info_reads_a_hub_model_from_the_cache_only(tiny_gpt2, tmp_path, monkeyp
     assert_clean_error(invoke(["info", "org/absent"]), 1, "org/absent", "local cache", "hf download org/absent")
 
 
+def _hand_made_adapter(base: Path, out: Path, weights: str = "adapter_model.safetensors") -> Path:
+    """A LoRA adapter directory as peft writes it (config and factor tensors), made without peft."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": str(base), "r": 2, "lora_alpha": 4,
+         "target_modules": ["c_attn"], "fan_in_fan_out": True}))
+    t = {"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.randn(2, 32),
+         "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": torch.randn(96, 2)}
+    save_file(t, out / "adapter_model.safetensors")
+    if weights != "adapter_model.safetensors":
+        (out / "adapter_model.safetensors").rename(out / weights)
+    return out
+
+
+def test_info_describes_a_peft_adapter_as_what_model_loads(tmp_path, monkeypatch):
+    """`cwa info ADAPTER_DIR` (accepted by --model everywhere) lists the base's parameters,
+    names the base, and gives the fingerprint artifacts record for base plus adapter; it
+    needs no peft and opens no pickle."""
+    import torch
+
+    from cwa import models as M
+    from tests.integration.conftest import build_tiny
+
+    base = build_tiny(tmp_path / "base", "gpt2")
+    adapter = _hand_made_adapter(base, tmp_path / "adapter")
+    monkeypatch.setitem(sys.modules, "peft", None)  # not needed to describe it
+    r = invoke(["info", adapter])
+    out = assert_ok(r)
+    assert out.splitlines()[0] == f"{adapter}  schema=model"
+    assert "source: PEFT adapter on local directory" in out and f"base model: {base} ({base})" in out
+    assert _table(out) == _table(invoke(["info", base]).stdout)  # the base's names, shapes, dtypes
+    want = M.adapter_fingerprint(adapter, M.checkpoint_fingerprint(base), adapter / "adapter_model.safetensors")
+    assert f"fingerprint: {want}" in out and want != M.checkpoint_fingerprint(base)
+    assert "adapter: loaded, its update is merged" in out
+
+    pk = _hand_made_adapter(base, tmp_path / "pk", weights="adapter_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    out = assert_ok(invoke(["info", pk]))
+    assert f"fingerprint: {M.adapter_fingerprint(pk, M.checkpoint_fingerprint(base), pk / 'adapter_model.bin')}" in out
+
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = str(tmp_path / "gone")
+    (adapter / "adapter_config.json").write_text(json.dumps(acfg))
+    assert_clean_error(invoke(["info", adapter]), 1, "its base model", "gone")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    assert_clean_error(invoke(["info", adapter]), 1, "names no base model")
+
+
+def test_info_describes_a_cached_hub_adapter_repository(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    from cwa import models as M
+    from tests.integration.conftest import build_tiny
+    from tests.integration.test_model_identity import COMMIT, make_hub_repo
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    base = build_tiny(tmp_path / "base", "gpt2")
+    local = _hand_made_adapter(base, tmp_path / "adapter")
+    make_hub_repo(cache, "org/lora", local)
+    out = assert_ok(invoke(["info", "org/lora"]))
+    assert "source: PEFT adapter on local directory" in out and f"commit: {COMMIT}" in out
+    assert "base commit" not in out and _table(out) == _table(invoke(["info", base]).stdout)
+    snap = M.hub_snapshot("org/lora", None)[1]
+    want = M.adapter_fingerprint(snap, M.checkpoint_fingerprint(base), snap / "adapter_model.safetensors")
+    assert f"fingerprint: {want}" in out and f"fingerprint: {want}" in assert_ok(invoke(["info", local]))
+
+
+def test_info_fingerprint_of_an_adapter_is_the_loaded_one(tmp_path):
+    pytest.importorskip("peft", reason="PEFT adapters need the 'peft' package (cwa[peft])")
+    from cwa import models as M
+    from tests.integration.conftest import build_tiny
+    from tests.integration.test_hf_conventions import _adapter
+
+    base = build_tiny(tmp_path / "base", "gpt2")
+    adapter = _adapter(base, tmp_path / "adapter")
+    out = assert_ok(invoke(["info", adapter]))
+    assert f"fingerprint: {M.load_model(str(adapter), device='cpu', lazy=True).fingerprint}" in out
+
+
 def test_info_refuses_what_is_no_model(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_clean_error(invoke(["info", tmp_path / "empty"]), 1, "no config.json")
