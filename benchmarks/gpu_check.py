@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_check.py --json OUT.json   # one 80 GB-class GPU, <= 8 minutes
     python benchmarks/gpu_check.py --tiny            # the same code on the CPU (the suite runs it)
+    python benchmarks/gpu_check.py --device cpu --layers 1 --windows 1 --seq-len 16
+                                                     # a rehearsal at Llama-3.1-8B's tensor shapes
 
 Builds the model from its config with random bf16 weights directly on the device (no
 download), writes 8 windows x 256 random tokens as a `.npy`, and for every metric runs
@@ -9,7 +11,7 @@ download), writes 8 windows x 256 random tokens as a `.npy`, and for every metri
 top-100 of the magnitude scores). Prints, per metric: seconds per window, peak device
 memory against `benchmarks/memory_plan.py`'s estimate, and the share of wall time the
 device was idle (host work: the union of the profiler's kernel and copy intervals on
-CUDA; "n/a" on the CPU).
+CUDA; "n/a" on the CPU). On the CPU the peak is the process's peak resident set.
 
 Made to come back with numbers from one try: magnitude runs first (it gives the
 perturbation's top-100, ranked at once so its 32 GB of host scores are freed), then the
@@ -29,6 +31,7 @@ On the lent H200 (its python3 has torch and transformers; cwa needs no install t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -129,20 +132,43 @@ def _error(e: BaseException) -> str:
     return f"{kind}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
+def _reset_peak(device: str) -> None:
+    """Start a new peak: the CUDA allocator's, or on the CPU the process's peak resident
+    set (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak(device: str) -> int | None:
+    """Peak bytes since `_reset_peak`: allocated on the GPU, or resident on the CPU (the
+    whole process: weights, scores and the interpreter; None where /proc is missing)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), None)
+    return None if line is None else int(line.split()[1]) * 1024
+
+
 def run_metric(lm, data, metric: str, device: str, n: int, keep) -> dict:
     """Score `metric` once and measure it; `keep(scores)` sees the scores before they
     are dropped (the check holds no metric's scores past its own row)."""
     from cwa.stages import score_stage
 
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    _reset_peak(device)
     box: dict = {}
     row: dict = {"metric": metric}
     try:
         wall, idle, why = _timed(lambda: box.setdefault("r", score_stage(
             lm, data, metric=metric, hutchinson_samples=1, mc_samples=1)), device)
-        peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+        peak = _peak(device)
         row.update(seconds=wall, seconds_per_window=wall / n, peak_bytes=peak, idle_share=idle)
         if why:
             row["idle_error"] = why
@@ -160,6 +186,11 @@ def run_metric(lm, data, metric: str, device: str, n: int, keep) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU (the suite runs this)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                    help="default: cpu with --tiny, else cuda (cpu with the 8B shape: a rehearsal, with --layers)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="transformer blocks (default: the architecture's; 1 keeps Llama-3.1-8B's tensor shapes "
+                         "at 1.3 B weights)")
     ap.add_argument("--windows", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -171,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     arch = TINY if a.tiny else LLAMA_31_8B
-    device = "cpu" if a.tiny else "cuda"
+    if a.layers is not None:
+        arch = dataclasses.replace(arch, name=f"{arch.name}, {a.layers} layer(s)", layers=a.layers)
+    device = a.device or ("cpu" if a.tiny else "cuda")
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --tiny for the CPU variant", file=sys.stderr)
         return 2
@@ -217,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         top.append(rank_stage(scores, topk=100).value)
 
                 r = run_metric(lm, dataclasses.replace(data, batch_size=1) if one else data, m, device, n, keep)
-            r["batch_size"] = 1 if one else n
+            r["batch_size"], r["device"] = 1 if one else n, device
             r["plan_likely_bytes"] = (est1 if one else est)[m]["likely"]
             doc["metrics"].append(r)
             print(_row(r), flush=True)
@@ -244,7 +277,8 @@ def _row(r: dict) -> str:
         return f"{r['metric']:16s} {r.get('error') or r['skipped']}"
     peak = "n/a" if r["peak_bytes"] is None else _size(r["peak_bytes"])
     idle = "n/a" if r["idle_share"] is None else f"{r['idle_share']:.0%}"
-    return (f"{r['metric']:16s} batch {r['batch_size']}  {r['seconds_per_window']:.3f} s/window  peak {peak} "
+    what = "peak RSS" if r.get("device") == "cpu" else "peak"
+    return (f"{r['metric']:16s} batch {r['batch_size']}  {r['seconds_per_window']:.3f} s/window  {what} {peak} "
             f"(plan {_size(r['plan_likely_bytes'])})  idle {idle}")
 
 
