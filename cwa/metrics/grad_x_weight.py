@@ -36,7 +36,10 @@ class GradXWeight(Metric):
                 acc.add_(g.float())
 
     def finish(self):
+        # |w·g| is built in the accumulator itself (g·w and w·g are the same floats), so no
+        # second float32 tensor per scored weight is made beside the accumulators: on the
+        # CPU, where the scores are the accumulators, the peak is 4 bytes per weight lower
         return {
-            name: as_float32_cpu((self._weights_f32(name) * acc).abs())
+            name: as_float32_cpu(acc.mul_(self._weights_f32(name)).abs_())
             for name, acc in self.acc.items()
         }

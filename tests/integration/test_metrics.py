@@ -412,6 +412,22 @@ def test_sharded_accumulators_sum_to_single_run(metric):
     assert_close_tensors(shard1.finish(), single)
 
 
+def test_grad_x_weight_scores_are_built_in_its_accumulators():
+    """|w·g| is made in the accumulator's own memory (no second float32 copy of every
+    scored weight at the peak), with the plain loop's values."""
+    model = model_for("gpt2", False)
+    params = select_params(model)
+    ids = make_ids()
+    scorer = METRICS.get("grad_x_weight")(MetricOptions())
+    scorer.begin(model, params)
+    scorer.accumulate(ids, torch.tensor(WINDOW_INDICES), N_WINDOWS)
+    where = {n: a.data_ptr() for n, a in scorer.acc.items()}
+    scores = scorer.finish()
+    scorer.close()
+    assert {n: s.data_ptr() for n, s in scores.items()} == where
+    assert_close_tensors(scores, ref_grad_x_weight(model, params, ids))
+
+
 def test_progress_flags_and_grads_restored():
     model = model_for("gpt2", False)
     params = select_params(model, include=["*.c_fc.weight"])
