@@ -3,8 +3,9 @@
 `log()` writes to stderr; `progress()` reports a loop's progress in the form its reader can
 see: a rich bar on stderr in a terminal, a rich display in a Jupyter notebook, and plain
 log lines on stderr elsewhere (batch logs, pipes, CI): one every `LOG_INTERVAL_S` seconds
-at most (`CWA_PROGRESS_INTERVAL` overrides it), e.g. `score hutchinson_diag: 40/128 windows (31%), 2.1 windows/s, 19 s elapsed`,
-and a last one at the end. A loop shorter than `LOG_INTERVAL_S` writes no line unless
+at most (`CWA_PROGRESS_INTERVAL` overrides it), e.g. `score hutchinson_diag: 40/128 windows (31%), 2.1 windows/s, 19 s elapsed`
+(below one a second, the seconds each takes: `1/8 windows (12%), 185.0 s/window`), and a
+last one at the end. A loop shorter than `LOG_INTERVAL_S` writes no line unless
 `--verbose`, so a short command's stderr holds only what it has to say (one error line).
 `--quiet` (`set_quiet`) silences both, log lines and progress, whatever `--verbose` says;
 errors are printed by `cwa.cli`, never through `log()`, so they still show.
@@ -93,11 +94,19 @@ def progress_line(description: str, done: int, total: int, unit: str, elapsed: f
     """One log line: description, done/total, percent (rounded down, so 100% means done),
     rate and elapsed time."""
     pct = f" ({done * 100 // total}%)" if total > 0 else ""
-    rate = done / elapsed if elapsed > 0 else float("inf")
-    return (
-        f"{description}: {done}/{total} {unit}{pct}, {rate:.1f} {unit}/s, "
-        f"{elapsed:.0f} s elapsed"
-    )
+    rate = rate_text(done, elapsed, unit)
+    return f"{description}: {done}/{total} {unit}{pct}, {rate + ', ' if rate else ''}{elapsed:.0f} s elapsed"
+
+
+def rate_text(done: int, elapsed: float, unit: str) -> str:
+    """`2.1 windows/s`, or below one per second the seconds each takes (`185.0 s/window`:
+    a slow loop's rate would read 0.0 windows/s); empty before anything is done."""
+    if done <= 0 or elapsed <= 0:
+        return ""
+    if done >= elapsed:
+        return f"{done / elapsed:.1f} {unit}/s"
+    one = unit[:-2] if unit.endswith(("ches", "shes", "xes")) else unit.removesuffix("s")
+    return f"{elapsed / done:.1f} s/{one}"
 
 
 @contextlib.contextmanager
@@ -184,8 +193,7 @@ def _rich_progress(
             nonlocal done
             done += n
             dt = _clock() - start
-            rate = f"{done / dt:.1f} {unit}/s" if dt > 0 else ""
-            bar.update(task, advance=n, rate=rate)
+            bar.update(task, advance=n, rate=rate_text(done, dt, unit))
             check_stop()
 
         yield advance

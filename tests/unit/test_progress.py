@@ -49,6 +49,10 @@ def test_line_format():
     assert line == "score hutchinson_diag: 40/128 windows (31%), 2.1 windows/s, 19 s elapsed"
     assert "(99%)" in console.progress_line("eval", 127, 128, "windows", 1.0)  # rounded down
     assert "(100%)" in console.progress_line("eval", 128, 128, "windows", 1.0)
+    # a slow loop (an 8 B model on a CPU) reads in seconds each, not "0.0 windows/s"
+    assert console.progress_line("score grad_x_weight", 1, 8, "windows", 185.2) == (
+        "score grad_x_weight: 1/8 windows (12%), 185.2 s/window, 185 s elapsed")
+    assert console.rate_text(3, 7.5, "batches") == "2.5 s/batch" and console.rate_text(0, 5.0, "windows") == ""
 
 
 def test_log_lines_only_after_the_interval_and_a_final_line(clock, no_kernel, capsys):
@@ -63,7 +67,7 @@ def test_log_lines_only_after_the_interval_and_a_final_line(clock, no_kernel, ca
     assert _lines(capsys) == [
         "score magnitude: 10/30 batches (33%), 1.0 batches/s, 10 s elapsed",
         "score magnitude: 20/30 batches (66%), 1.0 batches/s, 20 s elapsed",
-        "score magnitude: 25/30 batches (83%), 0.8 batches/s, 30 s elapsed",
+        "score magnitude: 25/30 batches (83%), 1.2 s/batch, 30 s elapsed",
     ]
 
 
@@ -93,7 +97,7 @@ def test_short_loop_is_silent_unless_verbose(clock, no_kernel, capsys, monkeypat
         for _ in range(4):
             clock.t += 2.0
             advance(1)
-    assert _lines(capsys) == ["eval: 4/4 windows (100%), 0.5 windows/s, 8 s elapsed"]
+    assert _lines(capsys) == ["eval: 4/4 windows (100%), 2.0 s/window, 8 s elapsed"]
 
 
 def test_no_final_line_when_the_loop_raises(clock, no_kernel, capsys):
@@ -101,7 +105,7 @@ def test_no_final_line_when_the_loop_raises(clock, no_kernel, capsys):
         clock.t += 11.0
         advance(1)
         raise RuntimeError("boom")
-    assert _lines(capsys) == ["eval: 1/10 windows (10%), 0.1 windows/s, 11 s elapsed"]
+    assert _lines(capsys) == ["eval: 1/10 windows (10%), 11.0 s/window, 11 s elapsed"]
 
 
 def test_advance_is_a_stop_point_before_the_line(clock, no_kernel, capsys):
@@ -199,7 +203,7 @@ def test_notebook_without_ipywidgets_and_a_pipe_get_log_lines(clock, no_kernel, 
             advance(3)
         monkeypatch.delitem(sys.modules, "IPython", raising=False)  # then: a plain pipe
     assert seen == []
-    assert _lines(capsys) == ["eval: 3/3 windows (100%), 0.3 windows/s, 10 s elapsed"] * 2
+    assert _lines(capsys) == ["eval: 3/3 windows (100%), 3.3 s/window, 10 s elapsed"] * 2
 
 
 def test_rich_bar_draws_count_and_rate(clock):
@@ -225,6 +229,6 @@ def test_interval_from_the_environment_and_no_line_twice(clock, no_kernel, capsy
         clock.t += 3.0
         adv(1)
     got = _lines(capsys)
-    assert got == ["x: 1/2 windows (50%), 0.3 windows/s, 3 s elapsed", "x: 2/2 windows (100%), 0.3 windows/s, 6 s elapsed"]
+    assert got == ["x: 1/2 windows (50%), 3.0 s/window, 3 s elapsed", "x: 2/2 windows (100%), 3.0 s/window, 6 s elapsed"]
     monkeypatch.setenv("CWA_PROGRESS_INTERVAL", "not a number")
     assert console.log_interval() == console.LOG_INTERVAL_S
