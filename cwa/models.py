@@ -107,12 +107,25 @@ class LoadedModel:
         self.commit = commit
         self.source = source
         self._checkpoint = checkpoint
+        self._noted_dtype = False
 
     @property
     def model(self):
         if self._model is None:
             self._model = self._loader()
         return self._model
+
+    def note_slow_dtype(self) -> None:
+        """Say once, as long work on this model starts (not at load, where a refusal may
+        still come), that bfloat16 is slow on a CPU without bfloat16 instructions."""
+        if self._noted_dtype or self.device != "cpu" or self.dtype != "bfloat16":
+            return
+        self._noted_dtype = True
+        if cpu_has_bf16() is False:
+            from cwa.console import log
+
+            log("note: bfloat16 on a CPU without bfloat16 instructions: its matrix products run 20-200x "
+                "slower than float32's (measured on such a CPU); --dtype float32 is faster at twice the memory")
 
     @property
     def fingerprint(self) -> str:
@@ -180,6 +193,19 @@ def resolve_dtype(dtype: str, device: str, stored: str | None = None):
         if dtype == "float16" and device == "cpu":
             dtype = "float32"
     return dtype, getattr(torch, dtype)
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has bfloat16 instructions (x86's avx512_bf16 or amx_bf16, Arm's
+    bf16), from /proc/cpuinfo's flags; None when that cannot be read (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    flags = {w for line in cpuinfo.splitlines() if line.lower().startswith(("flags", "features"))
+             for w in line.split(":", 1)[-1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}) if flags else None
 
 
 _HEADER_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}

@@ -353,6 +353,8 @@ def _compute_scores(lm, plan: _ScorePlan, data: DataOptions, include, exclude, d
         return compute_scores(lm.model, params, None, [], plan.name, plan.mopts, **run)
     mine = len(dist.shard(len(calib))) if dist.enabled else len(calib)
     quiet = contextlib.nullcontext(lambda n: None)  # only rank 0 draws a progress bar
+    if dist.is_main:
+        lm.note_slow_dtype()
     with progress(f"score {plan.name}", mine) if dist.is_main else quiet as adv:
         done = [0]
 
@@ -696,6 +698,7 @@ def _run_conditions(lm, ev, sels: list, plan: _PerturbPlan, batch_size: int, tas
     conditions: list[dict[str, Any]] = []
     per_window: list[Any] = []
     n_cond = sum(len(s.draws) for s in sels)
+    lm.note_slow_dtype()
     with progress("perturb", (n_cond + 1) * len(ev)) as adv:
         base = evaluate(lm.model, ev, batch_size=batch_size, keep_baseline=True, progress=adv)
         try:
@@ -879,6 +882,7 @@ def eval_stage(
                 return _done(out, fp, True, t0, doc, metrics={k: doc.get(k) for k in ("nll", "perplexity")})
         except (OSError, json.JSONDecodeError, AttributeError):
             pass
+    lm.note_slow_dtype()
     with progress("eval", len(ev)) as adv:
         res = evaluate(lm.model, ev, batch_size=data.batch_size, progress=adv)
     doc = {

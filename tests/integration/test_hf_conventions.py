@@ -241,6 +241,27 @@ def test_dtype_auto_is_the_checkpoints_dtype(tmp_path, stored, drop, expected):
     assert M.load_model(str(d), device="cpu", dtype="float32", lazy=True).fingerprint == lm.fingerprint
 
 
+def test_bf16_on_a_cpu_without_bf16_instructions_is_noted(tmp_path, monkeypatch):
+    """Said once, as the work starts (a refusal after loading stays one line: test_refusals)."""
+    d = _checkpoint(tmp_path, "m", torch.bfloat16, False)
+    data = _text_file(tmp_path / "d.txt")
+    real = M.cpu_has_bf16
+    for has, noted in ((False, True), (True, False), (None, False)):
+        monkeypatch.setattr(M, "cpu_has_bf16", lambda has=has: has)
+        for dtype in ("auto", "float32"):  # never for float32
+            r = runner.invoke(app, ["eval", "--model", str(d), "--eval-data", str(data), "--seq-len", "16",
+                                    "--eval-samples", "2", "--device", "cpu", "--dtype", dtype, "--force"])
+            assert r.exit_code == 0, r.stderr
+            want = noted and dtype == "auto"
+            assert r.stderr.count("note: bfloat16 on a CPU without bfloat16 instructions") == want, (has, dtype, r.stderr)
+    x86 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n"
+    assert real(x86) is False
+    assert real(x86.replace("avx512f", "avx512f avx512_bf16")) is True
+    assert real(x86.replace("avx512f", "amx_bf16 amx_tile")) is True
+    assert real("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n") is True  # Arm
+    assert real("") is None
+
+
 def test_stage_fingerprints_include_the_load_dtype(tmp_path, monkeypatch):
     """The same model in another dtype gives other numbers: never a cache hit of the other
     (artifacts of old `auto` runs are not reused under the new meaning)."""
