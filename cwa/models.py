@@ -461,16 +461,16 @@ def _adapter_base(adapter_dir: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def adapter_base_ref(path: Path, model: str) -> tuple[str, str | None]:
+def adapter_base_ref(path: Path, label: str) -> tuple[str, str | None]:
     """(base model, its hub revision or None) that PEFT adapter directory `path` names in
-    its adapter_config.json; `model` is how the user named the adapter (for errors)."""
+    its adapter_config.json; `label` starts the errors (`--model DIR`, or DIR for cwa info)."""
     acfg = _adapter_base(path)
     base = acfg.get("base_model_name_or_path")
     if not acfg:
-        raise CwaError(f"--model {model}: {ADAPTER_CONFIG} is not a readable JSON object")
+        raise CwaError(f"{label}: {ADAPTER_CONFIG} is not a readable JSON object")
     if not isinstance(base, str) or not base.strip():
         raise CwaError(
-            f"--model {model}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
+            f"{label}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
             "set it to the base model's hub id or directory"
         )
     is_path = Path(base).exists() or _looks_like_path(base) or base in _EMBEDDED_NAMES
@@ -493,7 +493,7 @@ def _locate_adapter(path: Path, model: str) -> _Source:
             f"--model {model}: is a PEFT adapter ({ADAPTER_CONFIG}); loading it needs the 'peft' "
             "package (pip install 'cwa[peft]')"
         ) from None
-    base, rev = adapter_base_ref(path, model)
+    base, rev = adapter_base_ref(path, f"--model {model}")
     try:
         src = _locate(base, rev)
     except CwaError as e:

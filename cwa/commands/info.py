@@ -1,13 +1,12 @@
 """`cwa info`: a readable summary on stdout of an artifact, a JSON report or a model.
 
 A model (a hub id, an HF directory, a PEFT adapter directory, a `.gguf` file, or
-`embedded`) is listed parameter by
-parameter, under the names `named_parameters()` gives, which are the names `--include`
-and `--exclude` match, with their shapes and stored dtypes. The weights are never loaded:
-the architecture is built from the config on PyTorch's `meta` device (shapes, no
-storage), and the stored dtypes come from the safetensors headers or the GGUF tensor
-table (read through a memory map). A hub id is looked up in the local cache only, never
-downloaded. Pickle checkpoints are not opened (their dtypes show as `?`). An adapter is
+`embedded`) is listed parameter by parameter, under the names `named_parameters()` gives,
+which are the names `--include` and `--exclude` match, with their shapes and stored
+dtypes. The weights are never loaded: the architecture is built from the config on
+PyTorch's `meta` device (shapes, no storage), and the stored dtypes come from the
+safetensors headers or the GGUF tensor table (read through a memory map). A hub id is
+looked up in the local cache only, never downloaded. Pickle checkpoints are not opened (their dtypes show as `?`). An adapter is
 described as what `--model` loads: its base model's parameters (the adapter's update is
 merged into them), with the fingerprint of base plus adapter.
 """

@@ -472,7 +472,9 @@ def test_info_describes_a_peft_adapter_as_what_model_loads(tmp_path, monkeypatch
     (adapter / "adapter_config.json").write_text(json.dumps(acfg))
     assert_clean_error(invoke(["info", adapter]), 1, "its base model", "gone")
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    assert_clean_error(invoke(["info", adapter]), 1, "names no base model")
+    r = invoke(["info", adapter])
+    assert_clean_error(r, 1, "names no base model")
+    assert "--model" not in r.stderr  # cwa info names its target, not an option it was not given
 
 
 def test_info_describes_a_cached_hub_adapter_repository(tmp_path, monkeypatch):
