@@ -91,3 +91,17 @@ def k(tmp_path_factory, tiny_gpt2, tiny_llama):
     from tests.integration.reliability_util import kit
 
     return kit(tmp_path_factory.getbasetemp(), tiny_gpt2, tiny_llama)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty, offline HF hub cache in tmp (the hub reads its constants at import)."""
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    return cache

@@ -403,19 +403,11 @@ def test_info_lists_a_gguf_file(tiny_llama, tmp_path):
     assert list(_table(r.stdout)) == list(_table(invoke(["info", tiny_llama]).stdout))
 
 
-def test_info_reads_a_hub_model_from_the_cache_only(tiny_gpt2, tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
-
+def test_info_reads_a_hub_model_from_the_cache_only(tiny_gpt2, hub_cache):
     from cwa.models import load_model
     from tests.integration.test_model_identity import COMMIT, make_hub_repo
 
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    make_hub_repo(cache, "org/tiny", Path(tiny_gpt2), refs=("main", "v1"))
+    make_hub_repo(hub_cache, "org/tiny", Path(tiny_gpt2), refs=("main", "v1"))
     r = invoke(["info", "org/tiny", "--revision", "v1"])
     assert_ok(r)
     assert "source: hub cache" in r.stdout and f"commit: {COMMIT}" in r.stdout
@@ -477,22 +469,14 @@ def test_info_describes_a_peft_adapter_as_what_model_loads(tmp_path, monkeypatch
     assert "--model" not in r.stderr  # cwa info names its target, not an option it was not given
 
 
-def test_info_describes_a_cached_hub_adapter_repository(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
-
+def test_info_describes_a_cached_hub_adapter_repository(tmp_path, hub_cache):
     from cwa import models as M
     from tests.integration.conftest import build_tiny
     from tests.integration.test_model_identity import COMMIT, make_hub_repo
 
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     base = build_tiny(tmp_path / "base", "gpt2")
     local = _hand_made_adapter(base, tmp_path / "adapter")
-    make_hub_repo(cache, "org/lora", local)
+    make_hub_repo(hub_cache, "org/lora", local)
     out = assert_ok(invoke(["info", "org/lora"]))
     assert "source: PEFT adapter on local directory" in out and f"commit: {COMMIT}" in out
     assert "base commit" not in out and _table(out) == _table(invoke(["info", base]).stdout)

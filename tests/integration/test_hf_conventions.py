@@ -46,20 +46,6 @@ def _isolated(tmp_path, monkeypatch):
     set_verbose(False)
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty, offline HF hub cache in tmp (the hub reads its constants at import)."""
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def _lines(text: str) -> list[str]:
     return [x for x in text.splitlines() if x.strip()]
 

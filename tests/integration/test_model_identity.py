@@ -130,20 +130,6 @@ def make_hub_repo(cache: Path, repo_id: str, src: Path, commit: str = COMMIT, re
     return repo
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty, offline HF hub cache in tmp (the hub reads its constants at import)."""
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def _fp(path, **kw) -> str:
     return M.load_model(str(path), device="cpu", lazy=True, **kw).fingerprint
 
