@@ -112,16 +112,40 @@ def _timed(fn, device: str) -> tuple[float, float | None, str | None]:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0, None, None
-    from torch.profiler import ProfilerActivity, profile
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    return profiled(fn, ProfilerActivity.CUDA, DeviceType.CUDA, torch.cuda.synchronize)
+
+
+def profiled(fn, activity, device_type, sync=lambda: None) -> tuple[float, float | None, str | None]:
+    """`_timed` under the profiler: a profiler that cannot start, stop or be read costs
+    the idle share (None, and why), never fn's run or its wall time; an error of fn
+    propagates with the profiler stopped."""
+    from torch.profiler import profile
+
+    sync()
+    prof, why = None, None
+    try:
+        prof = profile(activities=[activity])
+        prof.__enter__()
+    except Exception as e:  # noqa: BLE001 - reported in the row
+        prof, why = None, f"profiler did not start: {type(e).__name__}: {e}"
+    try:
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         wall = time.perf_counter() - t0
-    try:  # a profiler problem costs the idle share, never the metric's numbers
-        busy = busy_seconds(device_intervals_s(prof))
+    finally:
+        if prof is not None:
+            try:
+                prof.__exit__(None, None, None)
+            except Exception as e:  # noqa: BLE001 - reported in the row
+                prof, why = None, f"profiler did not stop: {type(e).__name__}: {e}"
+    if prof is None:
+        return wall, None, why
+    try:
+        busy = busy_seconds(device_intervals_s(prof, device_type))
         return wall, max(0.0, 1.0 - busy / wall), None
     except Exception as e:  # noqa: BLE001 - reported in the row
         return wall, None, f"{type(e).__name__}: {e}"

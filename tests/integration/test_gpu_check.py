@@ -115,3 +115,47 @@ def test_profiler_intervals_as_the_gpu_path_reads_them(gpu_check):
     assert len(iv) >= 10 and all(0 <= a <= b for a, b in iv)
     assert 0 < gpu_check.busy_seconds(iv) <= wall
     assert gpu_check.device_intervals_s(prof) == []  # no GPU events in a CPU trace
+
+
+def test_a_failing_profiler_costs_only_the_idle_share(gpu_check, monkeypatch):
+    """On the GPU every metric runs under the profiler: if it cannot start, stop or be
+    read there, the metric's run and wall time must survive (shown here with the CPU
+    profiler, the same code)."""
+    import torch
+    import torch.profiler
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+
+    ran = []
+
+    def work():
+        x = torch.randn(128, 128)
+        for _ in range(3):
+            x = torch.tanh(x @ x)
+        ran.append(1)
+
+    wall, share, why = gpu_check.profiled(work, ProfilerActivity.CPU, DeviceType.CPU)
+    assert ran == [1] and wall > 0 and 0.0 <= share <= 1.0 and why is None
+
+    real = torch.profiler.profile
+
+    def broken_start(*a, **k):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    monkeypatch.setattr(torch.profiler, "profile", broken_start)
+    wall, share, why = gpu_check.profiled(work, ProfilerActivity.CPU, DeviceType.CPU)
+    assert ran == [1, 1] and wall > 0 and share is None and "did not start" in why and "CUPTI" in why
+
+    class BrokenStop(real):
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            raise RuntimeError("trace parse failed")
+
+    monkeypatch.setattr(torch.profiler, "profile", BrokenStop)
+    wall, share, why = gpu_check.profiled(work, ProfilerActivity.CPU, DeviceType.CPU)
+    assert ran == [1, 1, 1] and share is None and "did not stop" in why
+
+    monkeypatch.setattr(torch.profiler, "profile", real)
+    with pytest.raises(ZeroDivisionError):
+        gpu_check.profiled(lambda: 1 / 0, ProfilerActivity.CPU, DeviceType.CPU)
+    assert not torch.autograd._profiler_enabled()  # stopped although fn failed
