@@ -96,13 +96,10 @@ def busy_seconds(intervals) -> float:
     return total
 
 
-def device_intervals_s(prof, device_type=None) -> list[tuple[float, float]]:
-    """(start, end) in seconds of every event the profiler saw on `device_type` (default
-    the GPU: its kernels, copies and fills)."""
-    from torch.autograd import DeviceType
-
-    want = DeviceType.CUDA if device_type is None else device_type
-    return [(e.time_range.start / 1e6, e.time_range.end / 1e6) for e in prof.events() if e.device_type == want]
+def device_intervals_s(prof, device_type) -> list[tuple[float, float]]:
+    """(start, end) in seconds of every event the profiler saw on `device_type` (on the
+    GPU: its kernels, copies and fills)."""
+    return [(e.time_range.start / 1e6, e.time_range.end / 1e6) for e in prof.events() if e.device_type == device_type]
 
 
 def _timed(fn, device: str) -> tuple[float, float | None, str | None]:
@@ -180,9 +177,9 @@ def _peak(device: str) -> int | None:
     return None if line is None else int(line.split()[1]) * 1024
 
 
-def run_metric(lm, data, metric: str, device: str, n: int, keep) -> dict:
-    """Score `metric` once and measure it; `keep(scores)` sees the scores before they
-    are dropped (the check holds no metric's scores past its own row)."""
+def run_metric(lm, data, metric: str, device: str, n: int, keep=None) -> dict:
+    """Score `metric` once and measure it; `keep(scores)`, if given, sees the scores before
+    they are dropped (the check holds no metric's scores past its own row)."""
     from cwa.stages import score_stage
 
     gc.collect()
@@ -196,7 +193,8 @@ def run_metric(lm, data, metric: str, device: str, n: int, keep) -> dict:
         row.update(seconds=wall, seconds_per_window=wall / n, peak_bytes=peak, idle_share=idle)
         if why:
             row["idle_error"] = why
-        keep(box["r"].value)
+        if keep is not None:
+            keep(box["r"].value)
     except Exception as e:  # noqa: BLE001 - one metric's failure must not cost the others' numbers
         row["error"] = _error(e)
     finally:
@@ -268,11 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             one = m == "hutchinson_diag"
             if time.perf_counter() - t_start > a.budget_s:
                 r = {"metric": m, "skipped": f"time budget ({a.budget_s:.0f} s) spent before it started"}
-            else:
-                def keep(scores, m=m):
-                    if m == "magnitude":  # ranked now, so its scores need not outlive this row
-                        top.append(rank_stage(scores, topk=100).value)
-
+            else:  # magnitude's top-100 is ranked at once, so its scores need not outlive the row
+                keep = (lambda scores: top.append(rank_stage(scores, topk=100).value)) if m == "magnitude" else None
                 r = run_metric(lm, dataclasses.replace(data, batch_size=1) if one else data, m, device, n, keep)
             r["batch_size"], r["device"] = 1 if one else n, device
             r["plan_likely_bytes"] = (est1 if one else est)[m]["likely"]
